@@ -1,0 +1,55 @@
+//! `bulkhead`: the operator's command.
+//!
+//! - `bulkhead pki init|issue`: the trust domain's dev CA and X.509-SVIDs.
+//! - `bulkhead dev up`: the five services on loopback, with embedded defaults.
+//! - `bulkhead health`: gRPC health of every service of a running mesh.
+//!
+//! Every verb that talks to a mesh finds it through `--dir DIR` (or
+//! `BULKHEAD_DIR`): `DIR/endpoints.json` and the operator certificate in it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+mod dev;
+mod pki;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "Bulkhead: a multi-tenant credential boundary for fleets of AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The trust domain's CA and X.509-SVIDs.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
+    /// A local mesh for development and demos.
+    #[command(subcommand)]
+    Dev(dev::DevCommand),
+    /// Checks gRPC health of every service of a running mesh.
+    Health {
+        #[arg(long, env = "BULKHEAD_DIR", value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    bulkhead_mesh::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("failed to start the runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Pki(cmd) => pki::run(cmd),
+            Command::Dev(cmd) => dev::run(cmd).await,
+            Command::Health { dir } => dev::health(&dir).await,
+        }
+    })
+}
