@@ -1,1 +1,40 @@
-fn main() {}
+//! bulkhead-sealed-vault: tenant profiles and secrets, encrypted at rest, resolved only for a live run.
+
+use anyhow::Context;
+use bulkhead_mesh::config::CommonFlags;
+use bulkhead_mesh::server::MeshServer;
+use bulkhead_sealed_vault::{config::Config, service};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead-sealed-vault",
+    version,
+    about = "Bulkhead sealed-vault: tenant profiles and secrets, encrypted at rest, resolved only for a live run"
+)]
+struct Flags {
+    #[command(flatten)]
+    common: CommonFlags,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    let Some(config) =
+        bulkhead_mesh::service::load_config("sealed-vault", &Config::default(), &flags.common)?
+    else {
+        return Ok(());
+    };
+    let _telemetry = bulkhead_mesh::telemetry::init("sealed-vault", &config.mesh.telemetry)?;
+    let (identity, bundle) = config
+        .mesh
+        .tls
+        .load()
+        .context("failed to load the tls files")?;
+    let bound = MeshServer::new("sealed-vault", identity, bundle)
+        .add_service(service::server(service::SealedVaultApi), service::POLICY)
+        .bind(config.mesh.listen)
+        .await?;
+    bulkhead_mesh::service::serve(bound, flags.common.addr_file).await?;
+    Ok(())
+}

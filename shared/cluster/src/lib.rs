@@ -128,7 +128,11 @@ impl MeshSpec {
 /// Finds `bulkhead-<name>`: `$BULKHEAD_BIN_DIR`, then beside the current
 /// executable, then its parent (test binaries live in `target/<profile>/deps`).
 pub fn find_binary(name: &str, bin_dir: Option<&Path>) -> Result<PathBuf, ClusterError> {
-    let file = format!("bulkhead-{name}");
+    find_executable(&format!("bulkhead-{name}"), bin_dir)
+}
+
+/// Finds an executable of the workspace by file name, where [`find_binary`] looks.
+pub fn find_executable(file: &str, bin_dir: Option<&Path>) -> Result<PathBuf, ClusterError> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(d) = bin_dir {
         dirs.push(d.to_owned());
@@ -147,7 +151,7 @@ pub fn find_binary(name: &str, bin_dir: Option<&Path>) -> Result<PathBuf, Cluste
     dirs.into_iter()
         .map(|d| d.join(&file))
         .find(|p| p.is_file())
-        .ok_or(ClusterError::MissingBinary(file))
+        .ok_or_else(|| ClusterError::MissingBinary(file.to_owned()))
 }
 
 /// A free loopback port (bound then released; the window for a race is tiny

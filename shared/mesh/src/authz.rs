@@ -31,6 +31,8 @@ pub mod who {
     pub const TENANT_WORKER: &str = "tenant/*/worker/*";
     pub const POOL_WORKER: &str = "pool/*/worker/*";
     pub const RUN: &str = "tenant/*/run/*";
+    /// A run of an org-global pool's task.
+    pub const POOL_RUN: &str = "pool/*/run/*";
     pub const IDENTITY: &str = "service/identity";
     pub const SEALED_VAULT: &str = "service/sealed-vault";
     pub const DISPATCHER: &str = "service/dispatcher";
@@ -39,6 +41,10 @@ pub mod who {
     pub const SANDBOX_RUNNER: &str = "service/sandbox-runner/**";
     /// Any identity of the trust domain (health and reflection only).
     pub const ANYONE: &str = "**";
+    /// A caller without a client certificate. Only a server built with
+    /// `ClientAuth::Optional` lets such callers in at all, and only methods
+    /// that authenticate by other means (a join token) may name them.
+    pub const UNAUTHENTICATED: &str = "<unauthenticated>";
 }
 
 /// One method's rule.
@@ -121,7 +127,14 @@ impl Pattern {
         Self(p.split('/').map(str::to_owned).collect())
     }
 
+    fn is_unauthenticated(&self) -> bool {
+        self.0.len() == 1 && self.0[0] == who::UNAUTHENTICATED
+    }
+
     fn matches(&self, id: &SpiffeId) -> bool {
+        if self.is_unauthenticated() {
+            return false;
+        }
         let segs: Vec<&str> = id.segments().collect();
         let pat = &self.0;
         if pat.last().is_some_and(|s| s == "**") {
@@ -150,7 +163,7 @@ pub struct Table {
 }
 
 /// The services every server adds, open to any identity of the trust domain.
-const OPEN_SERVICES: &[&str] = &[
+pub const OPEN_SERVICES: &[&str] = &[
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -192,9 +205,18 @@ impl Table {
         })
     }
 
-    /// Decides a request by its path and caller, before its body is read.
-    /// Returns whether the tenant field must then be checked.
-    pub fn check(&self, path: &str, caller: &SpiffeId) -> Result<bool, Error> {
+    /// Decides a request by its path and caller (`None`: no client
+    /// certificate), before its body is read. Returns whether the tenant field
+    /// must then be checked.
+    pub fn check(&self, path: &str, caller: Option<&SpiffeId>) -> Result<bool, Error> {
+        let Some(caller) = caller else {
+            return match self.lookup(path) {
+                Some(rule) if rule.allow.iter().any(Pattern::is_unauthenticated) => Ok(false),
+                _ => Err(Error::Unauthenticated(
+                    "a client certificate is required".into(),
+                )),
+            };
+        };
         if !caller.is_member_of(&self.trust_domain) {
             return Err(Error::denied("caller is not in this trust domain"));
         }
@@ -268,17 +290,17 @@ where
                 .extensions()
                 .get::<PeerInfo>()
                 .and_then(|p| p.id.clone());
-            let Some(caller) = peer else {
-                return Ok(deny(Error::Unauthenticated(
-                    "a client certificate is required".into(),
-                )));
-            };
-            let check_tenant = match table.check(&path, &caller) {
+            let check_tenant = match table.check(&path, peer.as_ref()) {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::info!(caller = %caller, method = %path, reason = %e, "request refused");
+                    let caller = peer.as_ref().map_or("<unauthenticated>", SpiffeId::as_str);
+                    tracing::info!(caller, method = %path, reason = %e, "request refused");
                     return Ok(deny(e));
                 }
+            };
+            let Some(caller) = peer else {
+                // Allowed without a certificate: the handler authenticates by other means.
+                return inner.call(req).await;
             };
             if check_tenant {
                 let want = caller.principal().tenant().unwrap_or_default().to_owned();
@@ -481,6 +503,7 @@ mod tests {
         static RULES: &[Rule] = &[
             Rule::new("Enqueue", &[who::TENANT_CLIENT, who::OPERATOR]).tenant_scoped(),
             Rule::new("Approve", &[who::OPERATOR]),
+            Rule::new("Enroll", &[who::UNAUTHENTICATED]),
         ];
         let td = TrustDomain::parse("bulkhead.test").expect("td");
         let t = Table::new(
@@ -493,14 +516,26 @@ mod tests {
         let id = |s: &str| SpiffeId::parse(s).expect("valid");
         let client = id("spiffe://bulkhead.test/tenant/acme/client/api");
         let op = id("spiffe://bulkhead.test/admin/alice");
-        assert_eq!(t.check("/x.v1.S/Enqueue", &client).ok(), Some(true));
-        assert_eq!(t.check("/x.v1.S/Enqueue", &op).ok(), Some(false));
-        assert!(t.check("/x.v1.S/Approve", &client).is_err());
-        assert!(t.check("/x.v1.S/Missing", &op).is_err());
+        assert_eq!(t.check("/x.v1.S/Enqueue", Some(&client)).ok(), Some(true));
+        assert_eq!(t.check("/x.v1.S/Enqueue", Some(&op)).ok(), Some(false));
+        assert!(t.check("/x.v1.S/Approve", Some(&client)).is_err());
+        assert!(t.check("/x.v1.S/Missing", Some(&op)).is_err());
         assert!(
-            t.check("/x.v1.S/Approve", &id("spiffe://other.test/admin/alice"))
-                .is_err()
+            t.check(
+                "/x.v1.S/Approve",
+                Some(&id("spiffe://other.test/admin/alice"))
+            )
+            .is_err()
         );
-        assert!(t.check("/grpc.health.v1.Health/Check", &client).is_ok());
+        assert!(
+            t.check("/grpc.health.v1.Health/Check", Some(&client))
+                .is_ok()
+        );
+        // Without a certificate: only methods that name UNAUTHENTICATED.
+        assert_eq!(t.check("/x.v1.S/Enroll", None).ok(), Some(false));
+        assert!(t.check("/x.v1.S/Approve", None).is_err());
+        assert!(t.check("/grpc.health.v1.Health/Check", None).is_err());
+        // A certified caller is not "unauthenticated".
+        assert!(t.check("/x.v1.S/Enroll", Some(&client)).is_err());
     }
 }

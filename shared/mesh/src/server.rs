@@ -23,7 +23,7 @@ use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 
-use crate::authz::{AuthzLayer, PeerInfo, Policy, Table};
+use crate::authz::{AuthzLayer, OPEN_SERVICES, PeerInfo, Policy, Table};
 use crate::shutdown::DRAIN_DEADLINE;
 use crate::svid;
 use crate::telemetry::TraceLayer;
@@ -171,14 +171,25 @@ impl BoundServer {
                 .set_service_status(*name, ServingStatus::Serving)
                 .await;
         }
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(bulkhead_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Reflection lists exactly what this binary serves.
+        let names: Vec<&str> = server
+            .services
+            .iter()
+            .copied()
+            .chain(OPEN_SERVICES.iter().copied())
+            .collect();
+        let reflection = || {
+            names.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(bulkhead_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, n| b.with_service_name(*n),
+            )
+        };
+        let reflection_v1 = reflection()
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(bulkhead_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
 

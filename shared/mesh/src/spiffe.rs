@@ -246,6 +246,8 @@ pub enum Principal<'a> {
     PoolWorker { pool: &'a str, worker: &'a str },
     /// `/tenant/<t>/run/<run>`: one run's workload identity.
     Run { tenant: &'a str, run: &'a str },
+    /// `/pool/<p>/run/<run>`: a run of an org-global pool's task.
+    PoolRun { pool: &'a str, run: &'a str },
     /// `spiffe://<td>` itself: the trust domain's CA.
     TrustDomain,
     /// Anything else: valid SPIFFE, but no role in Bulkhead.
@@ -263,6 +265,7 @@ impl<'a> Principal<'a> {
             ["tenant", tenant, "worker", worker] => Principal::TenantWorker { tenant, worker },
             ["tenant", tenant, "run", run] => Principal::Run { tenant, run },
             ["pool", pool, "worker", worker] => Principal::PoolWorker { pool, worker },
+            ["pool", pool, "run", run] => Principal::PoolRun { pool, run },
             _ => Principal::Other,
         }
     }
@@ -280,7 +283,7 @@ impl<'a> Principal<'a> {
     /// The run this principal is, if it is a run identity.
     pub fn run(&self) -> Option<&'a str> {
         match *self {
-            Principal::Run { run, .. } => Some(run),
+            Principal::Run { run, .. } | Principal::PoolRun { run, .. } => Some(run),
             _ => None,
         }
     }
@@ -359,6 +362,7 @@ mod tests {
         assert!(p("spiffe://t/tenant/a/client/api").starts_with("TenantClient"));
         assert!(p("spiffe://t/tenant/a/worker/w1").starts_with("TenantWorker"));
         assert!(p("spiffe://t/pool/p/worker/w1").starts_with("PoolWorker"));
+        assert!(p("spiffe://t/pool/p/run/r1").starts_with("PoolRun"));
         assert!(p("spiffe://t/tenant/a/other/x").starts_with("Other"));
         assert!(p("spiffe://t").starts_with("TrustDomain"));
     }

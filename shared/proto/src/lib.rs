@@ -14,11 +14,11 @@ macro_rules! package {
     };
 }
 
-//TMP package!(audit, "bulkhead.audit.v1");
-//TMP package!(dispatcher, "bulkhead.dispatcher.v1");
+package!(audit, "bulkhead.audit.v1");
+package!(dispatcher, "bulkhead.dispatcher.v1");
 package!(identity, "bulkhead.identity.v1");
-//TMP package!(sandbox, "bulkhead.sandbox.v1");
-//TMP package!(sealed, "bulkhead.sealed.v1");
+package!(sandbox, "bulkhead.sandbox.v1");
+package!(sealed, "bulkhead.sealed.v1");
 
 /// The encoded `FileDescriptorSet` of every Bulkhead proto.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -1,1 +1,11 @@
+//! Test kit: real servers for real tests.
+//!
+//! - [`external`]: PostgreSQL, Redis, OpenBao and moto, started on random
+//!   loopback ports in temp dirs; a missing program skips loudly, or fails
+//!   under `BULKHEAD_REQUIRE_EXTERNAL=1`.
+//! - [`mesh`]: the five Bulkhead binaries with a fresh PKI.
+
+#![forbid(unsafe_code)]
+
 pub mod external;
+pub mod mesh;

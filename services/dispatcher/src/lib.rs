@@ -1,0 +1,6 @@
+//! bulkhead-dispatcher: tenant-scoped fleet dispatch over streaming claims.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod service;
