@@ -86,10 +86,12 @@ async fn every_method_enforces_its_row_for_every_caller() -> anyhow::Result<()> 
                 let tenant = own_tenant.as_deref().unwrap_or("acme");
                 let status = call(ch.clone(), &path, Some(tenant)).await;
                 checked += 1;
-                let denied_by_table =
-                    status.code() == Code::PermissionDenied && status.message() == "caller may not call this method";
+                let denied_by_table = status.code() == Code::PermissionDenied
+                    && status.message() == "caller may not call this method";
                 match table.check(&path, Some(&id)) {
-                    Ok(_) if denied_by_table => failures.push(format!("{caller} {path}: allowed by the table but refused")),
+                    Ok(_) if denied_by_table => {
+                        failures.push(format!("{caller} {path}: allowed by the table but refused"))
+                    }
                     Err(_) if !denied_by_table => failures.push(format!(
                         "{caller} {path}: refused by the table but answered {:?} {}",
                         status.code(),
@@ -114,14 +116,21 @@ async fn every_method_enforces_its_row_for_every_caller() -> anyhow::Result<()> 
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {checked} checks failed:\n{}\n{}", failures.len(), failures.join("\n"), mesh.logs());
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} checks failed:\n{}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        mesh.logs()
+    );
     assert!(checked > 500, "only {checked} checks ran");
     Ok(())
 }
 
 #[test]
 fn tables_cover_the_api_and_tenant_rows_have_a_tenant_field() {
-    let fds = prost_types::FileDescriptorSet::decode(bulkhead_proto::FILE_DESCRIPTOR_SET).expect("descriptors");
+    let fds = prost_types::FileDescriptorSet::decode(bulkhead_proto::FILE_DESCRIPTOR_SET)
+        .expect("descriptors");
     let mut messages = BTreeMap::new();
     let mut methods: BTreeMap<String, Vec<(String, String, bool)>> = BTreeMap::new();
     for file in &fds.file {
@@ -141,20 +150,40 @@ fn tables_cover_the_api_and_tenant_rows_have_a_tenant_field() {
         }
     }
     for (_, policy) in services() {
-        let api = methods.get(policy.service).unwrap_or_else(|| panic!("{} is not in the API", policy.service));
+        let api = methods
+            .get(policy.service)
+            .unwrap_or_else(|| panic!("{} is not in the API", policy.service));
         let in_api: BTreeSet<&str> = api.iter().map(|(m, _, _)| m.as_str()).collect();
         let in_table: BTreeSet<&str> = policy.rules.iter().map(|r| r.method).collect();
-        assert_eq!(in_api, in_table, "{}: every RPC has exactly one row", policy.service);
+        assert_eq!(
+            in_api, in_table,
+            "{}: every RPC has exactly one row",
+            policy.service
+        );
         for rule in policy.rules {
-            let (_, input, client_streaming) = api.iter().find(|(m, _, _)| m == rule.method).expect("method");
+            let (_, input, client_streaming) = api
+                .iter()
+                .find(|(m, _, _)| m == rule.method)
+                .expect("method");
             let msg = &messages[input];
             let field1 = msg.field.iter().find(|f| f.number() == 1);
             let has_tenant = field1.is_some_and(|f| {
-                f.name() == "tenant" && f.r#type() == Type::String && f.label() != Label::Repeated && f.oneof_index.is_none()
+                f.name() == "tenant"
+                    && f.r#type() == Type::String
+                    && f.label() != Label::Repeated
+                    && f.oneof_index.is_none()
             });
             if rule.tenant_scoped {
-                assert!(has_tenant, "{}/{}: tenant-scoped but field 1 is not `string tenant`", policy.service, rule.method);
-                assert!(!client_streaming, "{}/{}: a client stream cannot be tenant-checked by the layer", policy.service, rule.method);
+                assert!(
+                    has_tenant,
+                    "{}/{}: tenant-scoped but field 1 is not `string tenant`",
+                    policy.service, rule.method
+                );
+                assert!(
+                    !client_streaming,
+                    "{}/{}: a client stream cannot be tenant-checked by the layer",
+                    policy.service, rule.method
+                );
             }
             if let Some(f) = field1 {
                 assert!(

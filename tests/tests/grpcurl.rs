@@ -62,7 +62,11 @@ fn check_mesh(grpcurl_bin: &Path, ep: &Endpoints) -> anyhow::Result<()> {
             .lines()
             .map(str::to_owned)
             .collect();
-        assert_eq!(listed, expected_services(binary), "{binary} lists what it serves");
+        assert_eq!(
+            listed,
+            expected_services(binary),
+            "{binary} lists what it serves"
+        );
         let health = grpcurl(grpcurl_bin, ep, addr, &["grpc.health.v1.Health/Check"])?;
         assert!(health.contains("\"SERVING\""), "{binary}: {health}");
         // A described method carries the proto's documentation to other languages.
@@ -103,7 +107,10 @@ async fn dev_up_starts_five_services_and_stops_them_on_sigterm() -> anyhow::Resu
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !Endpoints::path(dir.path()).exists() {
-        anyhow::ensure!(Instant::now() < deadline, "dev up wrote no endpoints.json in 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "dev up wrote no endpoints.json in 60 s"
+        );
         if let Some(status) = child.try_wait()? {
             anyhow::bail!("dev up exited early: {status}");
         }
@@ -117,7 +124,10 @@ async fn dev_up_starts_five_services_and_stops_them_on_sigterm() -> anyhow::Resu
     let pid = nix::unistd::Pid::from_raw(child.id().expect("running") as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
-    assert!(status.success(), "dev up exits cleanly on sigterm: {status}");
+    assert!(
+        status.success(),
+        "dev up exits cleanly on sigterm: {status}"
+    );
     for (name, addr) in &ep.services {
         assert!(
             std::net::TcpStream::connect(addr).is_err(),

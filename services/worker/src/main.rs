@@ -54,7 +54,12 @@ async fn main() -> anyhow::Result<()> {
         .trust_domain()
         .join(["service", "identity"])
         .context("trust domain")?;
-    let ch = bulkhead_mesh::client::channel(&flags.identity, None, &bundle, ExpectServer::Exact(identity_id))?;
+    let ch = bulkhead_mesh::client::channel(
+        &flags.identity,
+        None,
+        &bundle,
+        ExpectServer::Exact(identity_id),
+    )?;
     let resp = IdentityServiceClient::new(ch)
         .enroll_worker(EnrollWorkerRequest {
             join_token: flags.join_token.clone(),

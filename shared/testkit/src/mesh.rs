@@ -27,13 +27,21 @@ impl TestMesh {
     /// Starts a mesh after `tweak` has adjusted its spec.
     pub async fn start_with(tweak: impl FnOnce(&mut MeshSpec)) -> anyhow::Result<Self> {
         bulkhead_mesh::tls::install_crypto_provider();
-        let dir = tempfile::Builder::new().prefix("bulkhead-mesh-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-mesh-")
+            .tempdir()?;
         let mut spec = MeshSpec::new(dir.path());
         spec.trust_domain = "bulkhead.test".into();
         tweak(&mut spec);
-        let mesh = LocalMesh::start(&spec).await.context("failed to start the test mesh")?;
+        let mesh = LocalMesh::start(&spec)
+            .await
+            .context("failed to start the test mesh")?;
         let ca = Ca::load_dir(&dir.path().join("pki"))?;
-        Ok(Self { mesh, ca, _dir: dir })
+        Ok(Self {
+            mesh,
+            ca,
+            _dir: dir,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -53,14 +61,23 @@ impl TestMesh {
     pub fn identity(&self, path: &str) -> anyhow::Result<Identity> {
         let svid = self.ca.issue(&self.id(path)?, &SvidOptions::default())?;
         let chain = format!("{}{}", svid.cert_pem, self.ca.cert_pem());
-        Ok(Identity::from_pem(chain.as_bytes(), svid.key_pem.as_bytes(), path)?)
+        Ok(Identity::from_pem(
+            chain.as_bytes(),
+            svid.key_pem.as_bytes(),
+            path,
+        )?)
     }
 
     /// A channel to `service` as `who`, pinning the service's SPIFFE ID.
     pub fn channel(&self, service: &str, who: &Identity) -> anyhow::Result<MeshChannel> {
         let (_, bundle) = self.mesh.operator();
         let expect = ExpectServer::Service(service.to_owned());
-        Ok(client::channel(self.addr(service)?, Some(who), bundle, expect)?)
+        Ok(client::channel(
+            self.addr(service)?,
+            Some(who),
+            bundle,
+            expect,
+        )?)
     }
 
     /// The last lines of every service's log, for a failure message.
