@@ -149,7 +149,7 @@ pub fn find_executable(file: &str, bin_dir: Option<&Path>) -> Result<PathBuf, Cl
         }
     }
     dirs.into_iter()
-        .map(|d| d.join(&file))
+        .map(|d| d.join(file))
         .find(|p| p.is_file())
         .ok_or_else(|| ClusterError::MissingBinary(file.to_owned()))
 }
