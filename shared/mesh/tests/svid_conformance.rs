@@ -110,7 +110,7 @@ fn non_conformant_leaves_are_refused_by_both_implementations() {
     };
 
     let (good, key) = issue(Deviation::default());
-    spiffe_crate_parse(&[good.clone()], &key).expect("the conformant leaf is accepted");
+    spiffe_crate_parse(std::slice::from_ref(&good), &key).expect("the conformant leaf is accepted");
     svid::validate_leaf(&good).expect("ours accepts it too");
 
     let (two_uris, key) = issue(Deviation {
