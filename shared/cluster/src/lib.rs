@@ -69,6 +69,9 @@ pub struct Endpoints {
     pub ca: PathBuf,
     pub operator_cert: PathBuf,
     pub operator_key: PathBuf,
+    /// The audit service's tree-head public key (hex), for offline verification.
+    #[serde(default)]
+    pub audit_public_key: Option<PathBuf>,
 }
 
 impl Endpoints {
@@ -110,6 +113,8 @@ pub struct MeshSpec {
     pub bin_dir: Option<PathBuf>,
     pub otlp_endpoint: Option<String>,
     pub log_format: LogFormat,
+    /// Extra top-level settings per service, merged into its config file.
+    pub extra: BTreeMap<String, toml::Table>,
 }
 
 impl MeshSpec {
@@ -121,6 +126,7 @@ impl MeshSpec {
             bin_dir: None,
             otlp_endpoint: None,
             log_format: LogFormat::Json,
+            extra: BTreeMap::new(),
         }
     }
 }
@@ -298,7 +304,20 @@ impl LocalMesh {
                 peers: peers.clone(),
             };
             let config = dir.join("config").join(format!("{s}.toml"));
-            let text = toml::to_string_pretty(&cfg)
+            let mut table = toml::Table::try_from(&cfg)
+                .map_err(|e| ClusterError::Setup(format!("config for {s}: {e}")))?;
+            if *s == "audit" {
+                // The tree-head key lives with the trust material, so that
+                // verifiers find its public half beside ca.pem.
+                table.insert(
+                    "signing_key".into(),
+                    toml::Value::String(pki.join("audit-signing.key").display().to_string()),
+                );
+            }
+            if let Some(extra) = spec.extra.get(*s) {
+                table.extend(extra.clone());
+            }
+            let text = toml::to_string_pretty(&table)
                 .map_err(|e| ClusterError::Setup(format!("config for {s}: {e}")))?;
             std::fs::write(&config, text).map_err(io(&config))?;
             processes.push(ServiceProcess {
@@ -316,6 +335,7 @@ impl LocalMesh {
             ca: pki.join("ca.pem"),
             operator_cert: pki.join("operator.pem"),
             operator_key: pki.join("operator.key"),
+            audit_public_key: Some(pki.join("audit-signing.key.pub")),
         };
         let (operator, bundle) = endpoints.operator()?;
         let mut mesh = Self {
