@@ -220,9 +220,18 @@ mod tests {
         assert!(head.verify(&s.public()));
         assert!(!head.verify(&Signer::generate().public()), "another key");
         for tampered in [
-            TreeHead { tree_size: 7, ..head.clone() },
-            TreeHead { root: [8; 32], ..head.clone() },
-            TreeHead { timestamp_ms: 1, ..head.clone() },
+            TreeHead {
+                tree_size: 7,
+                ..head.clone()
+            },
+            TreeHead {
+                root: [8; 32],
+                ..head.clone()
+            },
+            TreeHead {
+                timestamp_ms: 1,
+                ..head.clone()
+            },
         ] {
             assert!(!tampered.verify(&s.public()));
         }
@@ -240,6 +249,9 @@ mod tests {
         assert_eq!(a.public(), b.public());
         assert_eq!(read_public(&public_path(&path)).expect("pub"), a.public());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(Signer::load_or_create(&path), Err(KeyError::LooseMode { .. })));
+        assert!(matches!(
+            Signer::load_or_create(&path),
+            Err(KeyError::LooseMode { .. })
+        ));
     }
 }

@@ -102,7 +102,10 @@ pub fn validate_type(t: &str) -> Result<(), String> {
 
 fn validate_id(field: &'static str, v: &str) -> Result<(), Error> {
     if v.len() > MAX_ID_LEN {
-        return Err(Error::invalid(field, format!("longer than {MAX_ID_LEN} bytes")));
+        return Err(Error::invalid(
+            field,
+            format!("longer than {MAX_ID_LEN} bytes"),
+        ));
     }
     if v.chars().any(char::is_control) {
         return Err(Error::invalid(field, "control characters are not allowed"));
@@ -162,8 +165,8 @@ impl TryFrom<pb::NewEvent> for NewEvent {
 pub fn format_time_us(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
     let micros = us.rem_euclid(1_000_000);
-    let t = time::OffsetDateTime::from_unix_timestamp(secs)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
         t.year(),
@@ -321,14 +324,28 @@ mod tests {
     fn types_are_checked() {
         assert!(validate_type("sealed.credential.resolved").is_ok());
         assert!(validate_type("a.b").is_ok());
-        for bad in ["sealed", "Sealed.x", "a..b", ".a", "a.b.", "a.b-c", "a.b.c.d.e.f.g.h.i"] {
+        for bad in [
+            "sealed",
+            "Sealed.x",
+            "a..b",
+            ".a",
+            "a.b.",
+            "a.b-c",
+            "a.b.c.d.e.f.g.h.i",
+        ] {
             assert!(validate_type(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn time_formatting_round_trips() {
-        for us in [0, 1, 999_999, 1_764_201_600_000_001, 253_402_300_799_999_999] {
+        for us in [
+            0,
+            1,
+            999_999,
+            1_764_201_600_000_001,
+            253_402_300_799_999_999,
+        ] {
             assert_eq!(parse_time_us(&format_time_us(us)), Some(us), "{us}");
         }
         assert_eq!(format_time_us(0), "1970-01-01T00:00:00.000000Z");

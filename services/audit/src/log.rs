@@ -91,7 +91,11 @@ impl Log {
                 if seq != tree.size() + 1 {
                     // A gap: the log was tampered with. Serve what is there;
                     // Verify reports the first bad sequence.
-                    tracing::error!(expected = tree.size() + 1, found = seq, "audit log has a sequence gap");
+                    tracing::error!(
+                        expected = tree.size() + 1,
+                        found = seq,
+                        "audit log has a sequence gap"
+                    );
                 }
                 tree.push(h);
             }
@@ -100,7 +104,11 @@ impl Log {
         if let Some(h) = &head
             && h.tree_size > tree.size()
         {
-            tracing::error!(signed = h.tree_size, stored = tree.size(), "audit log is shorter than its signed head");
+            tracing::error!(
+                signed = h.tree_size,
+                stored = tree.size(),
+                "audit log is shorter than its signed head"
+            );
         }
         tracing::info!(size = tree.size(), "audit log opened");
         let state = Arc::new(RwLock::new(State { tree, head }));
@@ -114,7 +122,10 @@ impl Log {
             signer: Arc::new(signer),
         };
         tokio::spawn(log.clone().write_loop(rx, stop.clone()));
-        tokio::spawn(log.clone().checkpoint_loop(config.checkpoint_interval, stop));
+        tokio::spawn(
+            log.clone()
+                .checkpoint_loop(config.checkpoint_interval, stop),
+        );
         Ok(log)
     }
 
@@ -283,7 +294,11 @@ impl Log {
                     // A commit whose acknowledgement was lost may still have landed.
                     match self.store.last_sequence().await {
                         Ok(last) if last + 1 != next => {
-                            tracing::error!(last, expected = next - 1, "store moved during a failed commit; stopping the writer");
+                            tracing::error!(
+                                last,
+                                expected = next - 1,
+                                "store moved during a failed commit; stopping the writer"
+                            );
                             break;
                         }
                         _ => {}

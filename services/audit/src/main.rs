@@ -12,7 +12,11 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "bulkhead-audit", version, about = "Bulkhead audit: the tamper-evident audit log")]
+#[command(
+    name = "bulkhead-audit",
+    version,
+    about = "Bulkhead audit: the tamper-evident audit log"
+)]
 struct Flags {
     #[command(flatten)]
     common: CommonFlags,
@@ -21,14 +25,22 @@ struct Flags {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    let Some(config) = bulkhead_mesh::service::load_config("audit", &Config::default(), &flags.common)?
+    let Some(config) =
+        bulkhead_mesh::service::load_config("audit", &Config::default(), &flags.common)?
     else {
         return Ok(());
     };
     let _telemetry = bulkhead_mesh::telemetry::init("audit", &config.mesh.telemetry)?;
-    let (identity, bundle) = config.mesh.tls.load().context("failed to load the tls files")?;
-    let store = store::open(&config.store_url()).await.context("failed to open the audit store")?;
-    let signer = Signer::load_or_create(&config.signing_key_path()).context("failed to load the signing key")?;
+    let (identity, bundle) = config
+        .mesh
+        .tls
+        .load()
+        .context("failed to load the tls files")?;
+    let store = store::open(&config.store_url())
+        .await
+        .context("failed to open the audit store")?;
+    let signer = Signer::load_or_create(&config.signing_key_path())
+        .context("failed to load the signing key")?;
     let stop = CancellationToken::new();
     let log = Log::open(
         store,
@@ -41,7 +53,10 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("failed to open the audit log")?;
     let bound = MeshServer::new("audit", identity, bundle)
-        .add_service(service::server(service::AuditApi::new(log.clone())), service::POLICY)
+        .add_service(
+            service::server(service::AuditApi::new(log.clone())),
+            service::POLICY,
+        )
         .bind(config.mesh.listen)
         .await?;
     let served = bulkhead_mesh::service::serve(bound, flags.common.addr_file).await;

@@ -454,7 +454,8 @@ mod tests {
             let got = t.inclusion_proof(*index, *size).expect("proof");
             assert_eq!(got, want, "leaf {index} size {size}");
             let leaf = t.leaf(*index).expect("leaf");
-            verify_inclusion(leaf, *index, *size, &got, &h(ROOTS[*size as usize])).expect("verifies");
+            verify_inclusion(leaf, *index, *size, &got, &h(ROOTS[*size as usize]))
+                .expect("verifies");
         }
     }
 
@@ -485,7 +486,10 @@ mod tests {
         // Hashes left over.
         let mut long = proof.clone();
         long.push(root8);
-        assert_eq!(verify_inclusion(&leaf, 5, 8, &long, &root8), Err(ProofError::WrongLength));
+        assert_eq!(
+            verify_inclusion(&leaf, 5, 8, &long, &root8),
+            Err(ProofError::WrongLength)
+        );
         // Too few hashes.
         assert_eq!(
             verify_inclusion(&leaf, 5, 8, &proof[..2], &root8),
@@ -496,12 +500,24 @@ mod tests {
             verify_inclusion(&leaf, 8, 8, &proof, &root8),
             Err(ProofError::IndexOutOfRange { .. })
         ));
-        assert!(matches!(t.inclusion_proof(9, 8), Err(ProofError::IndexOutOfRange { .. })));
-        assert!(matches!(t.inclusion_proof(0, 9), Err(ProofError::SizeOutOfRange { .. })));
+        assert!(matches!(
+            t.inclusion_proof(9, 8),
+            Err(ProofError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.inclusion_proof(0, 9),
+            Err(ProofError::SizeOutOfRange { .. })
+        ));
         // Wrong leaf, wrong index, flipped hash.
-        assert_eq!(verify_inclusion(&leaf, 4, 8, &proof, &root8), Err(ProofError::RootMismatch));
+        assert_eq!(
+            verify_inclusion(&leaf, 4, 8, &proof, &root8),
+            Err(ProofError::RootMismatch)
+        );
         proof[1][0] ^= 1;
-        assert_eq!(verify_inclusion(&leaf, 5, 8, &proof, &root8), Err(ProofError::RootMismatch));
+        assert_eq!(
+            verify_inclusion(&leaf, 5, 8, &proof, &root8),
+            Err(ProofError::RootMismatch)
+        );
 
         // Consistency: first > second, left-over hashes, empty proof, wrong root.
         let c = t.consistency_proof(6, 8).expect("proof");
@@ -510,13 +526,28 @@ mod tests {
             verify_consistency(8, 6, &r8, &r6, &c),
             Err(ProofError::FirstAfterSecond { .. })
         ));
-        assert!(matches!(t.consistency_proof(8, 6), Err(ProofError::FirstAfterSecond { .. })));
+        assert!(matches!(
+            t.consistency_proof(8, 6),
+            Err(ProofError::FirstAfterSecond { .. })
+        ));
         let mut long = c.clone();
         long.push(r8);
-        assert_eq!(verify_consistency(6, 8, &r6, &r8, &long), Err(ProofError::WrongLength));
-        assert_eq!(verify_consistency(6, 8, &r6, &r8, &[]), Err(ProofError::WrongLength));
-        assert_eq!(verify_consistency(6, 8, &h(ROOTS[5]), &r8, &c), Err(ProofError::RootMismatch));
-        assert_eq!(verify_consistency(8, 8, &r8, &r8, &c), Err(ProofError::WrongLength));
+        assert_eq!(
+            verify_consistency(6, 8, &r6, &r8, &long),
+            Err(ProofError::WrongLength)
+        );
+        assert_eq!(
+            verify_consistency(6, 8, &r6, &r8, &[]),
+            Err(ProofError::WrongLength)
+        );
+        assert_eq!(
+            verify_consistency(6, 8, &h(ROOTS[5]), &r8, &c),
+            Err(ProofError::RootMismatch)
+        );
+        assert_eq!(
+            verify_consistency(8, 8, &r8, &r8, &c),
+            Err(ProofError::WrongLength)
+        );
     }
 
     #[test]

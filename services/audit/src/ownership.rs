@@ -49,12 +49,21 @@ mod tests {
 
     #[test]
     fn each_type_has_one_owner() {
-        assert!(may_write(&id("service/sealed-vault"), "sealed.credential.resolved"));
-        assert!(!may_write(&id("service/dispatcher"), "sealed.credential.resolved"));
+        assert!(may_write(
+            &id("service/sealed-vault"),
+            "sealed.credential.resolved"
+        ));
+        assert!(!may_write(
+            &id("service/dispatcher"),
+            "sealed.credential.resolved"
+        ));
         assert!(may_write(&id("service/identity"), "worker.enrolled"));
         assert!(!may_write(&id("service/dispatcher"), "worker.enrolled"));
         assert!(may_write(&id("service/dispatcher"), "worker.registered"));
-        assert!(may_write(&id("service/sandbox-runner/host-1"), "run.aborted_by_revocation"));
+        assert!(may_write(
+            &id("service/sandbox-runner/host-1"),
+            "run.aborted_by_revocation"
+        ));
         assert!(!may_write(&id("admin/alice"), "identity.revoked"));
         assert!(!may_write(&id("service/identity"), "audit.anything"));
     }

@@ -87,7 +87,9 @@ fn filter(
     end: Option<prost_types::Timestamp>,
 ) -> Result<Filter, Error> {
     if tenant.is_empty() && !caller.is_operator() {
-        return Err(Error::denied("only operators may read every tenant's events"));
+        return Err(Error::denied(
+            "only operators may read every tenant's events",
+        ));
     }
     if type_prefix.len() > event::MAX_TYPE_LEN {
         return Err(Error::invalid("type_prefix", "longer than 128 bytes"));
@@ -111,7 +113,9 @@ fn filter(
 
 fn matches(f: &Filter, e: &Event) -> bool {
     f.tenant.as_ref().is_none_or(|t| *t == e.tenant)
-        && f.type_prefix.as_ref().is_none_or(|p| e.kind.starts_with(p.as_str()))
+        && f.type_prefix
+            .as_ref()
+            .is_none_or(|p| e.kind.starts_with(p.as_str()))
         && f.run_id.as_ref().is_none_or(|r| *r == e.run_id)
         && f.actor.as_ref().is_none_or(|a| *a == e.actor)
         && f.start_us.is_none_or(|s| e.time_us >= s)
@@ -168,9 +172,10 @@ impl AuditService for AuditApi {
         let mut batch = Vec::with_capacity(events.len());
         for (i, e) in events.into_iter().enumerate() {
             let e = NewEvent::try_from(e).map_err(|err| match err {
-                Error::InvalidArgument { field, reason } => {
-                    Error::invalid("events", format!("[{i}].{}: {reason}", field.trim_start_matches("events.")))
-                }
+                Error::InvalidArgument { field, reason } => Error::invalid(
+                    "events",
+                    format!("[{i}].{}: {reason}", field.trim_start_matches("events.")),
+                ),
                 other => other,
             })?;
             if !ownership::may_write(&caller.id, &e.kind) {
@@ -197,7 +202,15 @@ impl AuditService for AuditApi {
             n if n <= MAX_LIMIT => n,
             _ => return Err(Error::invalid("limit", "at most 1000").into()),
         };
-        let f = filter(&caller, r.tenant, r.type_prefix, r.run_id, r.actor, r.start_time, r.end_time)?;
+        let f = filter(
+            &caller,
+            r.tenant,
+            r.type_prefix,
+            r.run_id,
+            r.actor,
+            r.start_time,
+            r.end_time,
+        )?;
         // One more than asked tells whether another page exists.
         let mut rows = self
             .log
@@ -224,7 +237,15 @@ impl AuditService for AuditApi {
     ) -> Result<Response<BoxStream<pb::TailResponse>>, Status> {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
-        let f = filter(&caller, r.tenant, r.type_prefix, r.run_id, r.actor, None, None)?;
+        let f = filter(
+            &caller,
+            r.tenant,
+            r.type_prefix,
+            r.run_id,
+            r.actor,
+            None,
+            None,
+        )?;
         // Subscribe before reading the store so nothing falls between the two.
         let mut live = self.log.subscribe();
         let store = Arc::clone(self.log.store());
@@ -254,7 +275,13 @@ impl AuditService for AuditApi {
                 }
                 for e in rows {
                     sent = e.event.sequence;
-                    if tx.send(Ok(pb::TailResponse { event: Some(e.event.to_pb()) })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::TailResponse {
+                            event: Some(e.event.to_pb()),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -266,7 +293,9 @@ impl AuditService for AuditApi {
                             continue;
                         }
                         if matches(&f, &e) {
-                            let msg = pb::TailResponse { event: Some(e.to_pb()) };
+                            let msg = pb::TailResponse {
+                                event: Some(e.to_pb()),
+                            };
                             if tx.send(Ok(msg)).await.is_err() {
                                 return;
                             }
@@ -288,7 +317,13 @@ impl AuditService for AuditApi {
                             }
                             for e in rows {
                                 sent = e.event.sequence;
-                                if tx.send(Ok(pb::TailResponse { event: Some(e.event.to_pb()) })).await.is_err() {
+                                if tx
+                                    .send(Ok(pb::TailResponse {
+                                        event: Some(e.event.to_pb()),
+                                    }))
+                                    .await
+                                    .is_err()
+                                {
                                     return;
                                 }
                             }
@@ -342,7 +377,15 @@ impl AuditService for AuditApi {
     ) -> Result<Response<BoxStream<pb::ExportResponse>>, Status> {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
-        let f = filter(&caller, r.tenant, r.type_prefix, r.run_id, r.actor, r.start_time, r.end_time)?;
+        let f = filter(
+            &caller,
+            r.tenant,
+            r.type_prefix,
+            r.run_id,
+            r.actor,
+            r.start_time,
+            r.end_time,
+        )?;
         let filtered = f.tenant.is_some()
             || f.type_prefix.is_some()
             || f.run_id.is_some()
@@ -360,7 +403,11 @@ impl AuditService for AuditApi {
         let stream = async_stream(move |tx| async move {
             let mut after = r.after_sequence;
             loop {
-                let rows = match log.store().query(&f, Page::After(after), STREAM_CHUNK).await {
+                let rows = match log
+                    .store()
+                    .query(&f, Page::After(after), STREAM_CHUNK)
+                    .await
+                {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(Status::from(store_err(e)))).await;
@@ -411,7 +458,8 @@ impl AuditService for AuditApi {
         } else {
             self.log.store().head_at(size).await.map_err(store_err)?
         };
-        let head = head.ok_or_else(|| Error::NotFound(format!("signed tree head of size {size}")))?;
+        let head =
+            head.ok_or_else(|| Error::NotFound(format!("signed tree head of size {size}")))?;
         Ok(Response::new(pb::GetCheckpointResponse {
             tree_head: Some(head.to_pb()),
         }))
@@ -426,12 +474,20 @@ impl AuditService for AuditApi {
         let sequence = match r.leaf {
             Some(pb::get_inclusion_proof_request::Leaf::Sequence(s)) if s > 0 => s,
             Some(pb::get_inclusion_proof_request::Leaf::LeafIndex(i)) => i + 1,
-            _ => return Err(Error::invalid("leaf", "a sequence (from 1) or leaf index is required").into()),
+            _ => {
+                return Err(
+                    Error::invalid("leaf", "a sequence (from 1) or leaf index is required").into(),
+                );
+            }
         };
         let head = if r.tree_size == 0 {
             self.log.latest_head()
         } else {
-            self.log.store().head_at(r.tree_size).await.map_err(store_err)?
+            self.log
+                .store()
+                .head_at(r.tree_size)
+                .await
+                .map_err(store_err)?
         };
         let size = if r.tree_size == 0 {
             head.as_ref().map_or(0, |h| h.tree_size)

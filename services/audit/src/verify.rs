@@ -60,7 +60,11 @@ pub async fn verify(
     let heads = store.heads().await?;
     let last_seq = store.last_sequence().await?;
     let latest_head_size = heads.last().map_or(0, |h| h.tree_size);
-    let end = if to == 0 { last_seq.max(latest_head_size) } else { to };
+    let end = if to == 0 {
+        last_seq.max(latest_head_size)
+    } else {
+        to
+    };
     let from = from.max(1);
     let mut report = Report {
         first_bad: None,

@@ -65,8 +65,12 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     async fn range(&self, after: u64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
     /// Up to `limit` stored leaf hashes with sequences greater than `after`.
     async fn leaf_hashes(&self, after: u64, limit: u32) -> Result<Vec<(u64, Hash)>, StoreError>;
-    async fn query(&self, filter: &Filter, page: Page, limit: u32)
-    -> Result<Vec<StoredEvent>, StoreError>;
+    async fn query(
+        &self,
+        filter: &Filter,
+        page: Page,
+        limit: u32,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
     async fn get(&self, sequence: u64) -> Result<Option<StoredEvent>, StoreError>;
     async fn put_head(&self, head: &TreeHead) -> Result<(), StoreError>;
     /// Every signed head, smallest tree first.
@@ -78,7 +82,9 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
 /// Opens `sqlite://PATH` (created if missing) or `postgres://...`.
 pub async fn open(url: &str) -> Result<Arc<dyn AuditStore>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?))
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(std::path::Path::new(path)).await?,
+        ))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::PgStore::open(url).await?))
     } else {
@@ -139,7 +145,9 @@ pub(crate) fn head_from_parts(
         tree_size: size,
         root: root.try_into().map_err(|_| StoreError::Corrupt(size))?,
         timestamp_ms: u64::try_from(timestamp_ms).map_err(|_| StoreError::Corrupt(size))?,
-        signature: signature.try_into().map_err(|_| StoreError::Corrupt(size))?,
+        signature: signature
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(size))?,
         key_id,
     })
 }

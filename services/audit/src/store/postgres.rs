@@ -61,10 +61,7 @@ fn decode_all(rows: Vec<sqlx::postgres::PgRow>) -> Result<Vec<StoredEvent>, Stor
 
 impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(url)
-            .await?;
+        let pool = PgPoolOptions::new().max_connections(8).connect(url).await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
@@ -148,11 +145,12 @@ impl AuditStore for PgStore {
     }
 
     async fn leaf_hashes(&self, after: u64, limit: u32) -> Result<Vec<(u64, Hash)>, StoreError> {
-        let rows = sqlx::query("SELECT seq, leaf_hash FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
-            .bind(seq_bind(after))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, leaf_hash FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(seq_bind(after))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 let seq: i64 = r.try_get(0)?;
@@ -169,11 +167,18 @@ impl AuditStore for PgStore {
         page: Page,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut qb = QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM events WHERE 1=1"));
+        let mut qb =
+            QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM events WHERE 1=1"));
         push_filter(&mut qb, filter);
         match page {
-            Page::After(a) => qb.push(" AND seq > ").push_bind(seq_bind(a)).push(" ORDER BY seq ASC"),
-            Page::Before(b) => qb.push(" AND seq < ").push_bind(seq_bind(b)).push(" ORDER BY seq DESC"),
+            Page::After(a) => qb
+                .push(" AND seq > ")
+                .push_bind(seq_bind(a))
+                .push(" ORDER BY seq ASC"),
+            Page::Before(b) => qb
+                .push(" AND seq < ")
+                .push_bind(seq_bind(b))
+                .push(" ORDER BY seq DESC"),
         };
         qb.push(" LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.pool).await?;
@@ -210,7 +215,15 @@ impl AuditStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| head_from_parts(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
+            .map(|r| {
+                head_from_parts(
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                )
+            })
             .collect()
     }
 
@@ -220,8 +233,16 @@ impl AuditStore for PgStore {
         )
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| head_from_parts(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
-            .transpose()
+        row.map(|r| {
+            head_from_parts(
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+            )
+        })
+        .transpose()
     }
 
     async fn head_at(&self, tree_size: u64) -> Result<Option<TreeHead>, StoreError> {
@@ -231,7 +252,15 @@ impl AuditStore for PgStore {
         .bind(seq_bind(tree_size))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| head_from_parts(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
-            .transpose()
+        row.map(|r| {
+            head_from_parts(
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+            )
+        })
+        .transpose()
     }
 }

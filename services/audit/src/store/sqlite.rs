@@ -159,11 +159,12 @@ impl AuditStore for SqliteStore {
     }
 
     async fn leaf_hashes(&self, after: u64, limit: u32) -> Result<Vec<(u64, Hash)>, StoreError> {
-        let rows = sqlx::query("SELECT seq, leaf_hash FROM events WHERE seq > ? ORDER BY seq LIMIT ?")
-            .bind(seq_bind(after))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, leaf_hash FROM events WHERE seq > ? ORDER BY seq LIMIT ?")
+                .bind(seq_bind(after))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 let seq: i64 = r.try_get(0)?;
@@ -183,8 +184,14 @@ impl AuditStore for SqliteStore {
         let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM events WHERE 1=1"));
         push_filter(&mut qb, filter);
         match page {
-            Page::After(a) => qb.push(" AND seq > ").push_bind(seq_bind(a)).push(" ORDER BY seq ASC"),
-            Page::Before(b) => qb.push(" AND seq < ").push_bind(seq_bind(b)).push(" ORDER BY seq DESC"),
+            Page::After(a) => qb
+                .push(" AND seq > ")
+                .push_bind(seq_bind(a))
+                .push(" ORDER BY seq ASC"),
+            Page::Before(b) => qb
+                .push(" AND seq < ")
+                .push_bind(seq_bind(b))
+                .push(" ORDER BY seq DESC"),
         };
         qb.push(" LIMIT ").push_bind(i64::from(limit));
         let rows = qb.build().fetch_all(&self.pool).await?;
@@ -221,7 +228,15 @@ impl AuditStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| head_from_parts(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
+            .map(|r| {
+                head_from_parts(
+                    r.try_get(0)?,
+                    r.try_get(1)?,
+                    r.try_get(2)?,
+                    r.try_get(3)?,
+                    r.try_get(4)?,
+                )
+            })
             .collect()
     }
 
@@ -231,8 +246,16 @@ impl AuditStore for SqliteStore {
         )
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| head_from_parts(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
-            .transpose()
+        row.map(|r| {
+            head_from_parts(
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+            )
+        })
+        .transpose()
     }
 
     async fn head_at(&self, tree_size: u64) -> Result<Option<TreeHead>, StoreError> {
@@ -242,7 +265,15 @@ impl AuditStore for SqliteStore {
         .bind(seq_bind(tree_size))
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| head_from_parts(r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?))
-            .transpose()
+        row.map(|r| {
+            head_from_parts(
+                r.try_get(0)?,
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+            )
+        })
+        .transpose()
     }
 }
