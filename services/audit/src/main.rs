@@ -52,11 +52,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to open the audit log")?;
-    let bound = MeshServer::new("audit", identity, bundle)
-        .add_service(
-            service::server(service::AuditApi::new(log.clone())),
-            service::POLICY,
-        )
+    let server = MeshServer::new("audit", identity, bundle);
+    let api = service::AuditApi::new(log.clone(), server.draining());
+    let bound = server
+        .add_service(service::server(api), service::POLICY)
         .bind(config.mesh.listen)
         .await?;
     let served = bulkhead_mesh::service::serve(bound, flags.common.addr_file).await;

@@ -10,6 +10,7 @@ use bulkhead_proto::audit::v1 as pb;
 use bulkhead_proto::audit::v1::audit_service_server::{AuditService, AuditServiceServer};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::event::{self, Event, NewEvent};
@@ -56,11 +57,13 @@ const STREAM_CHUNK: u32 = 1000;
 #[derive(Debug, Clone)]
 pub struct AuditApi {
     log: Log,
+    /// Ends live tails when the server shuts down.
+    draining: CancellationToken,
 }
 
 impl AuditApi {
-    pub fn new(log: Log) -> Self {
-        Self { log }
+    pub fn new(log: Log, draining: CancellationToken) -> Self {
+        Self { log, draining }
     }
 }
 
@@ -254,6 +257,7 @@ impl AuditService for AuditApi {
         } else {
             r.from_sequence - 1
         };
+        let draining = self.draining.clone();
         let stream = async_stream(move |tx| async move {
             let mut sent = start;
             // Replays stored events after `sent`, then follows live ones.
@@ -287,7 +291,11 @@ impl AuditService for AuditApi {
                 }
             }
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    () = draining.cancelled() => return,
+                    n = live.recv() => n,
+                };
+                match next {
                     Ok(e) => {
                         if e.sequence <= sent {
                             continue;

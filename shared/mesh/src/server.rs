@@ -57,6 +57,7 @@ pub struct MeshServer {
     routes: RoutesBuilder,
     policies: Vec<Policy>,
     services: Vec<&'static str>,
+    draining: CancellationToken,
 }
 
 impl std::fmt::Debug for MeshServer {
@@ -80,7 +81,14 @@ impl MeshServer {
             routes: RoutesBuilder::default(),
             policies: Vec::new(),
             services: Vec::new(),
+            draining: CancellationToken::new(),
         }
+    }
+
+    /// Cancelled when shutdown begins: long-lived streams (tails, watches)
+    /// select on it and end, so that the drain does not wait on them.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
     }
 
     /// Lets callers without a certificate reach the methods the table opens to
@@ -225,6 +233,7 @@ impl BoundServer {
                 .await;
         }
         stop_accepting.cancel();
+        server.draining.cancel();
         drain.cancel();
         match tokio::time::timeout(DRAIN_DEADLINE, serve).await {
             Ok(r) => r?,
