@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bulkhead_audit::checkpoint::Signer;
 use bulkhead_audit::log::{Log, LogConfig};
-use bulkhead_audit::{config::Config, service, store};
+use bulkhead_audit::{config::Config, service, store, web};
 use bulkhead_mesh::config::CommonFlags;
 use bulkhead_mesh::server::MeshServer;
 use clap::Parser;
@@ -52,13 +52,55 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to open the audit log")?;
-    let server = MeshServer::new("audit", identity, bundle);
+    // Identity's revocation list, enforced at every handshake and request.
+    let revoked =
+        bulkhead_mesh::service::follow_revocations(&config.mesh, &identity, &bundle, stop.clone())?;
+    let web = match config.web.listen {
+        Some(addr) => {
+            let tls = web::tls_config(&identity, &bundle, revoked.clone())
+                .context("failed to build the audit view's tls config")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to bind the audit view on {addr}"))?;
+            if config
+                .web
+                .operator_token
+                .as_deref()
+                .is_none_or(str::is_empty)
+            {
+                tracing::info!(
+                    "audit view has no operator token; only operator client certificates are admitted"
+                );
+            }
+            let web_stop = CancellationToken::new();
+            let task = tokio::spawn(web::serve(
+                log.clone(),
+                listener,
+                tls,
+                revoked.clone(),
+                config.web.operator_token.clone(),
+                web_stop.clone().cancelled_owned(),
+            ));
+            Some((web_stop, task))
+        }
+        None => None,
+    };
+    let server = MeshServer::new("audit", identity, bundle).revocations(revoked);
     let api = service::AuditApi::new(log.clone(), server.draining());
     let bound = server
         .add_service(service::server(api), service::POLICY)
         .bind(config.mesh.listen)
         .await?;
     let served = bulkhead_mesh::service::serve(bound, flags.common.addr_file).await;
+    // The view stops once the gRPC server has drained, before the writer stops.
+    if let Some((web_stop, task)) = web {
+        web_stop.cancel();
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "audit view stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "audit view task failed"),
+        }
+    }
     // Stop the writer, then sign a head over everything it committed.
     stop.cancel();
     if let Err(e) = log.checkpoint().await {

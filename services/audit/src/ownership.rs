@@ -5,9 +5,8 @@ use bulkhead_mesh::spiffe::{Principal, SpiffeId};
 
 /// Exact types owned by a service other than their prefix's owner.
 const EXACT: &[(&str, &str)] = &[
-    // Identity enrolls and renews workers; the dispatcher owns the rest of worker.*.
+    // Identity enrolls workers; the dispatcher owns the rest of worker.*.
     ("worker.enrolled", "identity"),
-    ("worker.renewed", "identity"),
 ];
 
 /// Type prefixes and the service that owns them.

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use bulkhead_cli::audit;
+
 mod dev;
 mod pki;
 
@@ -34,6 +36,9 @@ enum Command {
     /// A local mesh for development and demos.
     #[command(subcommand)]
     Dev(dev::DevCommand),
+    /// The audit log: query, tail, export, verify.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Checks gRPC health of every service of a running mesh.
     Health {
         #[arg(long, env = "BULKHEAD_DIR", value_name = "DIR")]
@@ -50,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             Command::Pki(cmd) => pki::run(cmd),
             Command::Dev(cmd) => dev::run(cmd).await,
             Command::Health { dir } => dev::health(&dir).await,
+            Command::Audit(cmd) => audit::run(cmd).await,
         }
     })
 }

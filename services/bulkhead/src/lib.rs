@@ -1,0 +1,6 @@
+//! The `bulkhead` command's verbs that tests drive directly: the audit verbs
+//! and their offline export verification.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
