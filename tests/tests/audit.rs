@@ -12,7 +12,9 @@ use tonic::Code;
 type Client = AuditServiceClient<bulkhead_mesh::client::MeshChannel>;
 
 fn client(mesh: &TestMesh, who: &str) -> anyhow::Result<Client> {
-    Ok(AuditServiceClient::new(mesh.channel("audit", &mesh.identity(who)?)?))
+    Ok(AuditServiceClient::new(
+        mesh.channel("audit", &mesh.identity(who)?)?,
+    ))
 }
 
 fn event(kind: &str, tenant: &str, run: &str, attrs: &[(&str, &str)]) -> pb::NewEvent {
@@ -21,12 +23,18 @@ fn event(kind: &str, tenant: &str, run: &str, attrs: &[(&str, &str)]) -> pb::New
         tenant: tenant.into(),
         run_id: run.into(),
         outcome: pb::Outcome::Success as i32,
-        attributes: attrs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        attributes: attrs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
     }
 }
 
 async fn append(c: &mut Client, events: Vec<pb::NewEvent>) -> Result<Vec<u64>, tonic::Status> {
-    Ok(c.append(pb::AppendRequest { events }).await?.into_inner().sequences)
+    Ok(c.append(pb::AppendRequest { events })
+        .await?
+        .into_inner()
+        .sequences)
 }
 
 async fn query(c: &mut Client, tenant: &str) -> Result<Vec<pb::Event>, tonic::Status> {
@@ -41,7 +49,8 @@ async fn query(c: &mut Client, tenant: &str) -> Result<Vec<pb::Event>, tonic::St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn services_write_only_their_own_events_and_tenants_read_only_their_own() -> anyhow::Result<()> {
+async fn services_write_only_their_own_events_and_tenants_read_only_their_own() -> anyhow::Result<()>
+{
     let mesh = TestMesh::start().await?;
     let mut sealed = client(&mesh, "service/sealed-vault")?;
     let mut dispatcher = client(&mesh, "service/dispatcher")?;
@@ -49,18 +58,35 @@ async fn services_write_only_their_own_events_and_tenants_read_only_their_own() 
     let seqs = append(
         &mut sealed,
         vec![
-            event("sealed.credential.resolved", "acme", "r1", &[("keys", "ANTHROPIC_API_KEY")]),
-            event("sealed.credential.resolved", "globex", "r2", &[("keys", "STRIPE_KEY")]),
+            event(
+                "sealed.credential.resolved",
+                "acme",
+                "r1",
+                &[("keys", "ANTHROPIC_API_KEY")],
+            ),
+            event(
+                "sealed.credential.resolved",
+                "globex",
+                "r2",
+                &[("keys", "STRIPE_KEY")],
+            ),
         ],
     )
     .await?;
     assert_eq!(seqs, vec![1, 2]);
-    append(&mut dispatcher, vec![event("fleet.pool_reset", "", "", &[("pool", "gpu")])]).await?;
+    append(
+        &mut dispatcher,
+        vec![event("fleet.pool_reset", "", "", &[("pool", "gpu")])],
+    )
+    .await?;
 
     // Another service's event type: refused, nothing appended.
-    let err = append(&mut dispatcher, vec![event("sealed.credential.resolved", "acme", "r9", &[])])
-        .await
-        .expect_err("dispatcher may not write sealed.*");
+    let err = append(
+        &mut dispatcher,
+        vec![event("sealed.credential.resolved", "acme", "r9", &[])],
+    )
+    .await
+    .expect_err("dispatcher may not write sealed.*");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     let err = append(&mut sealed, vec![event("task.completed", "acme", "", &[])])
         .await
@@ -69,24 +95,36 @@ async fn services_write_only_their_own_events_and_tenants_read_only_their_own() 
     // The actor is the caller, whatever it claims: there is no field to claim it.
     // Non-services cannot append at all.
     let mut op = client(&mesh, "admin/operator")?;
-    let err = append(&mut op, vec![event("sealed.x.y", "acme", "", &[])]).await.expect_err("operator");
+    let err = append(&mut op, vec![event("sealed.x.y", "acme", "", &[])])
+        .await
+        .expect_err("operator");
     assert_eq!(err.code(), Code::PermissionDenied);
     // Bad input is named.
-    let err = append(&mut sealed, vec![event("Sealed.Bad", "acme", "", &[])]).await.expect_err("bad type");
+    let err = append(&mut sealed, vec![event("Sealed.Bad", "acme", "", &[])])
+        .await
+        .expect_err("bad type");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("[0].type"), "{}", err.message());
 
     // Operators read everything, stamped with the real actor.
     let all = query(&mut op, "").await?;
     assert_eq!(all.len(), 3, "{all:?}");
-    assert_eq!(all[0].actor, format!("spiffe://bulkhead.test/service/sealed-vault"));
-    assert_eq!(all[2].actor, format!("spiffe://bulkhead.test/service/dispatcher"));
+    assert_eq!(
+        all[0].actor,
+        format!("spiffe://bulkhead.test/service/sealed-vault")
+    );
+    assert_eq!(
+        all[2].actor,
+        format!("spiffe://bulkhead.test/service/dispatcher")
+    );
 
     // A tenant client reads its own tenant only.
     let mut acme = client(&mesh, "tenant/acme/client/api")?;
     let own = query(&mut acme, "acme").await?;
     assert_eq!(own.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![1]);
-    let err = query(&mut acme, "globex").await.expect_err("cross-tenant read");
+    let err = query(&mut acme, "globex")
+        .await
+        .expect_err("cross-tenant read");
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = query(&mut acme, "").await.expect_err("all tenants");
     assert_ne!(err.code(), Code::Ok);
@@ -117,7 +155,11 @@ async fn tail_proofs_and_restart() -> anyhow::Result<()> {
     let mut mesh = TestMesh::start().await?;
     let mut sealed = client(&mesh, "service/sealed-vault")?;
     let mut op = client(&mesh, "admin/operator")?;
-    append(&mut sealed, vec![event("sealed.secret.written", "acme", "", &[("key", "A")])]).await?;
+    append(
+        &mut sealed,
+        vec![event("sealed.secret.written", "acme", "", &[("key", "A")])],
+    )
+    .await?;
 
     let mut tail = op
         .tail(pb::TailRequest {
@@ -127,8 +169,14 @@ async fn tail_proofs_and_restart() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), tail.next()).await?.expect("item")?;
-    assert_eq!(first.event.expect("event").sequence, 1, "replayed from the store");
+    let first = tokio::time::timeout(Duration::from_secs(10), tail.next())
+        .await?
+        .expect("item")?;
+    assert_eq!(
+        first.event.expect("event").sequence,
+        1,
+        "replayed from the store"
+    );
     append(
         &mut sealed,
         vec![
@@ -137,19 +185,31 @@ async fn tail_proofs_and_restart() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let live = tokio::time::timeout(Duration::from_secs(10), tail.next()).await?.expect("item")?;
+    let live = tokio::time::timeout(Duration::from_secs(10), tail.next())
+        .await?
+        .expect("item")?;
     let live = live.event.expect("event");
-    assert_eq!((live.sequence, live.tenant.as_str()), (3, "acme"), "live, filtered to acme");
+    assert_eq!(
+        (live.sequence, live.tenant.as_str()),
+        (3, "acme"),
+        "live, filtered to acme"
+    );
 
     // Inclusion proof against a signed head (published at least every second),
     // checked here with the audit library.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let head = op.get_checkpoint(pb::GetCheckpointRequest::default()).await?.into_inner();
+        let head = op
+            .get_checkpoint(pb::GetCheckpointRequest::default())
+            .await?
+            .into_inner();
         if head.tree_head.is_some_and(|h| h.tree_size >= 3) {
             break;
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no signed head covers sequence 3");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no signed head covers sequence 3"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let resp = op
@@ -161,20 +221,43 @@ async fn tail_proofs_and_restart() -> anyhow::Result<()> {
         .await?
         .into_inner();
     let head = resp.tree_head.expect("head");
-    let leaf: [u8; 32] = resp.event.expect("event").leaf_hash.to_vec().try_into().expect("32");
-    let path: Vec<[u8; 32]> = resp.audit_path.iter().map(|h| h.to_vec().try_into().expect("32")).collect();
+    let leaf: [u8; 32] = resp
+        .event
+        .expect("event")
+        .leaf_hash
+        .to_vec()
+        .try_into()
+        .expect("32");
+    let path: Vec<[u8; 32]> = resp
+        .audit_path
+        .iter()
+        .map(|h| h.to_vec().try_into().expect("32"))
+        .collect();
     let root: [u8; 32] = head.root_hash.to_vec().try_into().expect("32");
     bulkhead_audit::merkle::verify_inclusion(&leaf, 2, head.tree_size, &path, &root)?;
 
     // Restart the audit binary: events and signed heads survive, sequences go on.
-    let before = op.get_checkpoint(pb::GetCheckpointRequest::default()).await?.into_inner();
+    let before = op
+        .get_checkpoint(pb::GetCheckpointRequest::default())
+        .await?
+        .into_inner();
     mesh.mesh.restart("audit").await?;
     let mut op = client(&mesh, "admin/operator")?;
     let mut sealed = client(&mesh, "service/sealed-vault")?;
     assert_eq!(query(&mut op, "").await?.len(), 3);
-    let after = op.get_checkpoint(pb::GetCheckpointRequest::default()).await?.into_inner();
+    let after = op
+        .get_checkpoint(pb::GetCheckpointRequest::default())
+        .await?
+        .into_inner();
     assert!(after.tree_head.expect("head").tree_size >= before.tree_head.expect("head").tree_size);
-    assert_eq!(append(&mut sealed, vec![event("sealed.secret.deleted", "acme", "", &[])]).await?, vec![4]);
+    assert_eq!(
+        append(
+            &mut sealed,
+            vec![event("sealed.secret.deleted", "acme", "", &[])]
+        )
+        .await?,
+        vec![4]
+    );
     let v = op.verify(pb::VerifyRequest::default()).await?.into_inner();
     assert!(v.ok, "{v:?}");
     Ok(())
@@ -189,20 +272,35 @@ async fn canary_values_do_not_leak_through_refusals() -> anyhow::Result<()> {
     let canary = format!("CANARY-{:032x}", rand_u128());
     let mut dispatcher = client(&mesh, "service/dispatcher")?;
     // Refused for the type, and refused for the value's size: neither echoes it.
-    let err = append(&mut dispatcher, vec![event("sealed.secret.written", "acme", "", &[("v", &canary)])])
-        .await
-        .expect_err("wrong owner");
+    let err = append(
+        &mut dispatcher,
+        vec![event(
+            "sealed.secret.written",
+            "acme",
+            "",
+            &[("v", &canary)],
+        )],
+    )
+    .await
+    .expect_err("wrong owner");
     assert!(!err.message().contains(&canary));
     let big = format!("{canary}{}", "x".repeat(2000));
-    let err = append(&mut dispatcher, vec![event("task.enqueued", "acme", "", &[("v", &big)])])
-        .await
-        .expect_err("too large");
+    let err = append(
+        &mut dispatcher,
+        vec![event("task.enqueued", "acme", "", &[("v", &big)])],
+    )
+    .await
+    .expect_err("too large");
     assert!(!err.message().contains(&canary), "{}", err.message());
 
     // Positive control: an accepted event holding the canary is found by the
     // same scan, so an empty scan means something.
     let control = format!("CONTROL-{:032x}", rand_u128());
-    append(&mut dispatcher, vec![event("task.enqueued", "acme", "", &[("note", &control)])]).await?;
+    append(
+        &mut dispatcher,
+        vec![event("task.enqueued", "acme", "", &[("note", &control)])],
+    )
+    .await?;
 
     let found = |needle: &str| -> anyhow::Result<Vec<String>> {
         let mut hits = Vec::new();
@@ -216,13 +314,18 @@ async fn canary_values_do_not_leak_through_refusals() -> anyhow::Result<()> {
     };
     // Give SQLite's WAL a moment to hit the file the scan reads.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!found(&control)?.is_empty(), "the scan finds an accepted value");
+    assert!(
+        !found(&control)?.is_empty(),
+        "the scan finds an accepted value"
+    );
     assert_eq!(found(&canary)?, Vec::<String>::new(), "canary leaked");
     Ok(())
 }
 
 fn rand_u128() -> u128 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     t.as_nanos() ^ (u128::from(std::process::id()) << 64)
 }
 

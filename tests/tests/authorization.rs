@@ -62,9 +62,19 @@ async fn call(
         tenant: tenant.unwrap_or_default().to_owned(),
     };
     let path = http::uri::PathAndQuery::from_str(path).expect("path");
-    match grpc.unary(tonic::Request::new(msg), path, codec).await {
-        Ok(_) => tonic::Status::ok(""),
-        Err(s) => s,
+    // Allowed calls now reach real handlers, some of which stream forever
+    // (watches, tails): the deadline ends them; the layer's verdict comes first.
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(std::time::Duration::from_millis(1500));
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        grpc.unary(req, path, codec),
+    )
+    .await
+    {
+        Ok(Ok(_)) => tonic::Status::ok(""),
+        Ok(Err(s)) => s,
+        Err(_) => tonic::Status::deadline_exceeded("client-side deadline"),
     }
 }
 
@@ -74,47 +84,59 @@ async fn every_method_enforces_its_row_for_every_caller() -> anyhow::Result<()> 
     let td = TrustDomain::parse("bulkhead.test")?;
     let mut checked = 0;
     let mut failures = Vec::new();
+    // Every (service, caller, method) at once: streaming handlers end at their
+    // deadline, so the checks run in parallel.
+    let mut all = Vec::new();
     for (binary, policy) in services() {
         let table = Table::new(td.clone(), &[policy]);
         for caller in CALLERS {
             let who = mesh.identity(caller)?;
             let id = mesh.id(caller)?;
             let ch = mesh.channel(binary, &who)?;
-            for rule in policy.rules {
-                let path = format!("/{}/{}", policy.service, rule.method);
-                let own_tenant = id.principal().tenant().map(str::to_owned);
-                let tenant = own_tenant.as_deref().unwrap_or("acme");
-                let status = call(ch.clone(), &path, Some(tenant)).await;
-                checked += 1;
-                let denied_by_table = status.code() == Code::PermissionDenied
-                    && status.message() == "caller may not call this method";
-                match table.check(&path, Some(&id)) {
-                    Ok(_) if denied_by_table => {
-                        failures.push(format!("{caller} {path}: allowed by the table but refused"))
-                    }
-                    Err(_) if !denied_by_table => failures.push(format!(
-                        "{caller} {path}: refused by the table but answered {:?} {}",
-                        status.code(),
-                        status.message()
-                    )),
-                    Ok(true) => {
-                        // Tenant-scoped and the caller has a tenant: another tenant is refused.
-                        let status = call(ch.clone(), &path, Some("globex")).await;
-                        checked += 1;
-                        if status.code() != Code::PermissionDenied
-                            || status.message() != "request tenant is not the caller's tenant"
-                        {
-                            failures.push(format!(
-                                "{caller} {path}: naming another tenant answered {:?} {}",
-                                status.code(),
-                                status.message()
-                            ));
+            all.extend(policy.rules.iter().map(|rule| {
+                let (ch, id, table) = (ch.clone(), id.clone(), table.clone());
+                async move {
+                    let mut failures = Vec::new();
+                    let mut checked = 0;
+                    let path = format!("/{}/{}", policy.service, rule.method);
+                    let own_tenant = id.principal().tenant().map(str::to_owned);
+                    let tenant = own_tenant.as_deref().unwrap_or("acme");
+                    let status = call(ch.clone(), &path, Some(tenant)).await;
+                    checked += 1;
+                    let denied_by_table = status.code() == Code::PermissionDenied
+                        && status.message() == "caller may not call this method";
+                    match table.check(&path, Some(&id)) {
+                        Ok(_) if denied_by_table => failures
+                            .push(format!("{caller} {path}: allowed by the table but refused")),
+                        Err(_) if !denied_by_table => failures.push(format!(
+                            "{caller} {path}: refused by the table but answered {:?} {}",
+                            status.code(),
+                            status.message()
+                        )),
+                        Ok(true) => {
+                            // Tenant-scoped and the caller has a tenant: another tenant is refused.
+                            let status = call(ch.clone(), &path, Some("globex")).await;
+                            checked += 1;
+                            if status.code() != Code::PermissionDenied
+                                || status.message() != "request tenant is not the caller's tenant"
+                            {
+                                failures.push(format!(
+                                    "{caller} {path}: naming another tenant answered {:?} {}",
+                                    status.code(),
+                                    status.message()
+                                ));
+                            }
                         }
+                        _ => {}
                     }
-                    _ => {}
+                    (checked, failures)
                 }
-            }
+            }));
         }
+    }
+    for (n, f) in futures::future::join_all(all).await {
+        checked += n;
+        failures.extend(f);
     }
     assert!(
         failures.is_empty(),

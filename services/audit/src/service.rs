@@ -483,9 +483,11 @@ impl AuditService for AuditApi {
             Some(pb::get_inclusion_proof_request::Leaf::Sequence(s)) if s > 0 => s,
             Some(pb::get_inclusion_proof_request::Leaf::LeafIndex(i)) => i + 1,
             _ => {
-                return Err(
-                    Error::invalid("leaf", "a sequence (from 1) or leaf index is required").into(),
-                );
+                return Err(Error::invalid(
+                    "leaf",
+                    "a sequence (from 1) or leaf index is required",
+                )
+                .into());
             }
         };
         let head = if r.tree_size == 0 {

@@ -5,6 +5,7 @@ use bulkhead_mesh::config::CommonFlags;
 use bulkhead_mesh::server::MeshServer;
 use bulkhead_sandbox_runner::{config::Config, service};
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,10 +32,17 @@ async fn main() -> anyhow::Result<()> {
         .tls
         .load()
         .context("failed to load the tls files")?;
+    let stop = CancellationToken::new();
+    // Identity's revocation list, enforced at every handshake and request.
+    let revoked =
+        bulkhead_mesh::service::follow_revocations(&config.mesh, &identity, &bundle, stop.clone())?;
     let bound = MeshServer::new("sandbox-runner", identity, bundle)
+        .revocations(revoked)
         .add_service(service::server(service::SandboxRunnerApi), service::POLICY)
         .bind(config.mesh.listen)
         .await?;
-    bulkhead_mesh::service::serve(bound, flags.common.addr_file).await?;
+    let served = bulkhead_mesh::service::serve(bound, flags.common.addr_file).await;
+    stop.cancel();
+    served?;
     Ok(())
 }

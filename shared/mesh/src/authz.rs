@@ -22,6 +22,7 @@ use tonic::body::Body;
 
 use crate::error::Error;
 use crate::spiffe::{Principal, SpiffeId, TrustDomain};
+use crate::tls::RevocationCheck;
 
 /// Identity patterns, as path globs under the trust domain: `*` is one segment,
 /// a trailing `**` is one or more segments.
@@ -116,6 +117,8 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub id: Option<SpiffeId>,
+    /// The client certificate's serial (big-endian), for revocation checks.
+    pub serial: Option<Vec<u8>>,
     pub remote: Option<std::net::SocketAddr>,
 }
 
@@ -233,15 +236,33 @@ impl Table {
 /// Largest request the layer buffers to read a tenant field.
 pub const MAX_TENANT_SCOPED_REQUEST: usize = 4 * 1024 * 1024;
 
+/// Told of every request the layer refuses, so a service can record refusals
+/// in audit (best effort: the refusal itself never waits on it).
+pub trait DenialSink: Send + Sync + std::fmt::Debug {
+    fn denied(&self, caller: Option<&SpiffeId>, method: &str, reason: &str);
+}
+
 /// Tower layer enforcing a [`Table`]; the server builder always installs it.
+/// It also re-checks revocation on every request, so a connection opened
+/// before a revocation cannot outlive it.
 #[derive(Debug, Clone)]
 pub struct AuthzLayer {
     table: Table,
+    revocations: Arc<dyn RevocationCheck>,
+    denials: Option<Arc<dyn DenialSink>>,
 }
 
 impl AuthzLayer {
-    pub fn new(table: Table) -> Self {
-        Self { table }
+    pub fn new(
+        table: Table,
+        revocations: Arc<dyn RevocationCheck>,
+        denials: Option<Arc<dyn DenialSink>>,
+    ) -> Self {
+        Self {
+            table,
+            revocations,
+            denials,
+        }
     }
 }
 
@@ -251,6 +272,8 @@ impl<S> tower_layer::Layer<S> for AuthzLayer {
         Authz {
             inner,
             table: self.table.clone(),
+            revocations: self.revocations.clone(),
+            denials: self.denials.clone(),
         }
     }
 }
@@ -259,6 +282,8 @@ impl<S> tower_layer::Layer<S> for AuthzLayer {
 pub struct Authz<S> {
     inner: S,
     table: Table,
+    revocations: Arc<dyn RevocationCheck>,
+    denials: Option<Arc<dyn DenialSink>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -284,18 +309,33 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let table = self.table.clone();
+        let revocations = self.revocations.clone();
+        let denials = self.denials.clone();
         Box::pin(async move {
+            let deny_and_tell = |caller: Option<&SpiffeId>, path: &str, err: Error| {
+                if let (Some(sink), Error::PermissionDenied(reason)) = (&denials, &err) {
+                    sink.denied(caller, path, reason);
+                }
+                deny(err)
+            };
             let path = req.uri().path().to_owned();
-            let peer = req
+            let (peer, serial) = req
                 .extensions()
                 .get::<PeerInfo>()
-                .and_then(|p| p.id.clone());
+                .map(|p| (p.id.clone(), p.serial.clone()))
+                .unwrap_or_default();
+            if let Some(id) = &peer
+                && revocations.revoked(id, serial.as_deref())
+            {
+                tracing::info!(caller = %id, method = %path, "revoked caller refused");
+                return Ok(deny(Error::Unauthenticated("certificate revoked".into())));
+            }
             let check_tenant = match table.check(&path, peer.as_ref()) {
                 Ok(t) => t,
                 Err(e) => {
                     let caller = peer.as_ref().map_or("<unauthenticated>", SpiffeId::as_str);
                     tracing::info!(caller, method = %path, reason = %e, "request refused");
-                    return Ok(deny(e));
+                    return Ok(deny_and_tell(peer.as_ref(), &path, e));
                 }
             };
             let Some(caller) = peer else {
@@ -318,9 +358,11 @@ where
                     Ok(t) if t == want => {}
                     Ok(t) => {
                         tracing::info!(caller = %caller, method = %path, request_tenant = %t, "cross-tenant request refused");
-                        return Ok(deny(Error::denied(
-                            "request tenant is not the caller's tenant",
-                        )));
+                        return Ok(deny_and_tell(
+                            Some(&caller),
+                            &path,
+                            Error::denied("request tenant is not the caller's tenant"),
+                        ));
                     }
                     Err(e) => return Ok(deny(e)),
                 }

@@ -35,6 +35,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// PEM of this process's private key (mode 0600).
     pub key: PathBuf,
+    /// The trust domain, when the `ca` roots carry no SPIFFE ID (an outside
+    /// root above the trust domain's intermediate CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
 }
 
 impl Default for TlsFiles {
@@ -43,13 +47,31 @@ impl Default for TlsFiles {
             ca: PathBuf::from("pki/ca.pem"),
             cert: PathBuf::from("pki/svid.pem"),
             key: PathBuf::from("pki/svid.key"),
+            trust_domain: None,
         }
     }
 }
 
 impl TlsFiles {
     pub fn load(&self) -> Result<(Identity, TrustBundle), TlsError> {
-        let bundle = TrustBundle::from_pem_file(&self.ca)?;
+        let bundle = match &self.trust_domain {
+            None => TrustBundle::from_pem_file(&self.ca)?,
+            Some(td) => {
+                let td = crate::spiffe::TrustDomain::parse(td)
+                    .map_err(|e| TlsError::Bundle(format!("tls.trust_domain: {e}")))?;
+                let pem = std::fs::read(&self.ca).map_err(|source| TlsError::Read {
+                    path: self.ca.display().to_string(),
+                    source,
+                })?;
+                let certs = rustls_pemfile::certs(&mut &pem[..])
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| TlsError::Read {
+                        path: self.ca.display().to_string(),
+                        source,
+                    })?;
+                TrustBundle::with_trust_domain(certs, td)?
+            }
+        };
         let identity = Identity::from_pem_files(&self.cert, &self.key)?;
         Ok((identity, bundle))
     }
@@ -61,6 +83,7 @@ impl TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
+            trust_domain: None,
         }
     }
 }

@@ -9,11 +9,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authz;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod jwt;
 pub mod pki;
+pub mod revocation;
 pub mod server;
 pub mod service;
 pub mod shutdown;

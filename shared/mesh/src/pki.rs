@@ -118,6 +118,8 @@ pub struct Ca {
     trust_domain: TrustDomain,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
+    /// Certificates after the signing one in its PEM (intermediates, a root).
+    tail: Vec<CertificateDer<'static>>,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -163,21 +165,28 @@ impl Ca {
             trust_domain: td.clone(),
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
+            tail: Vec::new(),
             issuer: Issuer::new(params, key),
         };
         Ok((ca, key_pem))
     }
 
-    /// Loads a CA from its PEM certificate and key (as `pki init` writes them).
+    /// Loads a CA from its PEM certificate and key (as `pki init` writes
+    /// them). The PEM may continue with the chain up to an outside root (an
+    /// intermediate CA); the signing certificate, first, carries the trust
+    /// domain's ID `spiffe://<td>`.
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
-            .next()
-            .ok_or(PkiError::NotCa)?
+        let mut certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|source| PkiError::Io {
                 path: "ca certificate".into(),
                 source,
             })?;
+        if certs.is_empty() {
+            return Err(PkiError::NotCa);
+        }
+        let der = certs.remove(0);
         let id = crate::svid::spiffe_id_of(&der).map_err(|_| PkiError::NotCa)?;
         if !id.path().is_empty() {
             return Err(PkiError::NotCa);
@@ -187,8 +196,19 @@ impl Ca {
             trust_domain: id.trust_domain(),
             cert_pem: cert_pem.to_owned(),
             cert_der: der,
+            tail: certs,
             issuer,
         })
+    }
+
+    /// What a leaf's chain carries after the leaf: the signing certificate and
+    /// any intermediates, but no self-signed root (verifiers hold those).
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        std::iter::once(&self.cert_der)
+            .chain(self.tail.iter())
+            .filter(|c| !is_self_signed(c))
+            .cloned()
+            .collect()
     }
 
     pub fn load_dir(dir: &Path) -> Result<Self, PkiError> {
@@ -238,6 +258,54 @@ impl Ca {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
             key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn is_self_signed(der: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(der).is_ok_and(|(_, c)| c.subject() == c.issuer())
+}
+
+/// A certificate signed over a public key the holder keeps (a CSR's).
+#[derive(Debug, Clone)]
+pub struct SignedCert {
+    pub der: CertificateDer<'static>,
+    /// Lowercase hex of the serial's bytes.
+    pub serial_hex: String,
+    /// Expiry, seconds since the epoch.
+    pub not_after: i64,
+}
+
+impl Ca {
+    /// Signs an X.509-SVID for `id` over the DER SubjectPublicKeyInfo `spki`
+    /// (taken from a CSR the caller has already checked): the holder's private
+    /// key never reaches the CA.
+    pub fn sign_spki(
+        &self,
+        id: &SpiffeId,
+        spki: &[u8],
+        opts: &SvidOptions,
+    ) -> Result<SignedCert, PkiError> {
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(PkiError::ForeignId {
+                id: id.to_string(),
+                td: self.trust_domain.to_string(),
+            });
+        }
+        let public = rcgen::SubjectPublicKeyInfo::from_der(spki)?;
+        let params = leaf_params(id, opts, &Deviation::default())?;
+        let serial = params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.to_bytes()))
+            .unwrap_or_default();
+        let not_after = params.not_after.unix_timestamp();
+        let cert = params.signed_by(&public, &self.issuer)?;
+        Ok(SignedCert {
+            der: cert.der().clone(),
+            serial_hex: serial,
+            not_after,
         })
     }
 }

@@ -23,7 +23,7 @@ use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
 use tonic_health::ServingStatus;
 
-use crate::authz::{AuthzLayer, OPEN_SERVICES, PeerInfo, Policy, Table};
+use crate::authz::{AuthzLayer, DenialSink, OPEN_SERVICES, PeerInfo, Policy, Table};
 use crate::shutdown::DRAIN_DEADLINE;
 use crate::svid;
 use crate::telemetry::TraceLayer;
@@ -58,6 +58,7 @@ pub struct MeshServer {
     policies: Vec<Policy>,
     services: Vec<&'static str>,
     draining: CancellationToken,
+    denials: Option<Arc<dyn DenialSink>>,
 }
 
 impl std::fmt::Debug for MeshServer {
@@ -82,7 +83,14 @@ impl MeshServer {
             policies: Vec::new(),
             services: Vec::new(),
             draining: CancellationToken::new(),
+            denials: None,
         }
+    }
+
+    /// Tells `sink` of every request the authorization layer refuses.
+    pub fn denials(mut self, sink: Arc<dyn DenialSink>) -> Self {
+        self.denials = Some(sink);
+        self
     }
 
     /// Cancelled when shutdown begins: long-lived streams (tails, watches)
@@ -213,7 +221,11 @@ impl BoundServer {
         let drain = CancellationToken::new();
         let serve = tonic::transport::Server::builder()
             .layer(TraceLayer)
-            .layer(AuthzLayer::new(table))
+            .layer(AuthzLayer::new(
+                table,
+                server.revocations.clone(),
+                server.denials.clone(),
+            ))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, drain.clone().cancelled_owned());
         tracing::info!(service = server.name, id = %server.identity.spiffe_id(), addr = %local, "serving");
@@ -271,15 +283,15 @@ fn accept_loop(
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let id = tls
+                        let leaf = tls
                             .get_ref()
                             .1
                             .peer_certificates()
                             .and_then(|c| c.first())
-                            .and_then(|leaf| svid::validate_leaf(leaf).ok())
-                            .map(|l| l.id);
+                            .and_then(|leaf| svid::validate_leaf(leaf).ok());
                         let peer = PeerInfo {
-                            id,
+                            id: leaf.as_ref().map(|l| l.id.clone()),
+                            serial: leaf.map(|l| l.serial),
                             remote: Some(remote),
                         };
                         let _ = tx.send(Ok(MeshStream { inner: tls, peer })).await;

@@ -41,3 +41,25 @@ pub async fn serve(bound: BoundServer, addr_file: Option<PathBuf>) -> Result<(),
     }
     bound.serve(crate::shutdown::signal()).await
 }
+
+/// The revocation list this service enforces: identity's, followed over
+/// WatchRevocations when `peers.identity` is configured (otherwise empty and
+/// never synced). The follower stops with `stop`.
+pub fn follow_revocations(
+    config: &crate::config::MeshConfig,
+    identity: &crate::tls::Identity,
+    bundle: &crate::tls::TrustBundle,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<std::sync::Arc<crate::revocation::RevocationList>, crate::client::ConnectError> {
+    let list = std::sync::Arc::new(crate::revocation::RevocationList::new());
+    if let Some(addr) = &config.peers.identity {
+        let ch = crate::client::channel(
+            addr,
+            Some(identity),
+            bundle,
+            crate::tls::ExpectServer::Service("identity".into()),
+        )?;
+        tokio::spawn(crate::revocation::follow(list.clone(), ch, stop));
+    }
+    Ok(list)
+}

@@ -111,6 +111,15 @@ impl TrustBundle {
                 "authority SPIFFE ID must be the trust domain itself".into(),
             ));
         }
+        Self::with_trust_domain(authorities, ca_id.trust_domain())
+    }
+
+    /// A bundle whose authorities need not carry a SPIFFE ID (an outside root
+    /// above an intermediate CA of the trust domain).
+    pub fn with_trust_domain(
+        authorities: Vec<CertificateDer<'static>>,
+        trust_domain: TrustDomain,
+    ) -> Result<Self, TlsError> {
         let mut store = RootCertStore::empty();
         for a in &authorities {
             store
@@ -118,7 +127,7 @@ impl TrustBundle {
                 .map_err(|e| TlsError::Bundle(e.to_string()))?;
         }
         Ok(Self {
-            trust_domain: ca_id.trust_domain(),
+            trust_domain,
             authorities,
             store: Arc::new(store),
         })
@@ -204,19 +213,20 @@ impl Identity {
     }
 }
 
-/// Answers whether an identity, or one certificate of it, has been revoked.
-/// Identity's revocation list feeds the production implementation; it is
-/// consulted at every handshake.
+/// Answers whether an identity, or one certificate of it (by serial,
+/// big-endian bytes), has been revoked. Identity's revocation list
+/// ([`crate::revocation::RevocationList`]) is the production implementation;
+/// it is consulted at every handshake, every request and every JWT validation.
 pub trait RevocationCheck: Send + Sync + fmt::Debug {
-    fn is_revoked(&self, leaf: &svid::LeafSvid) -> bool;
+    fn revoked(&self, id: &SpiffeId, serial: Option<&[u8]>) -> bool;
 }
 
-/// Revokes nothing (until a revocation list is attached).
+/// Revokes nothing (identity itself before its list loads, and tests).
 #[derive(Debug, Default)]
 pub struct NoRevocations;
 
 impl RevocationCheck for NoRevocations {
-    fn is_revoked(&self, _leaf: &svid::LeafSvid) -> bool {
+    fn revoked(&self, _id: &SpiffeId, _serial: Option<&[u8]>) -> bool {
         false
     }
 }
@@ -303,7 +313,7 @@ fn check_leaf(
             CertificateError::ApplicationVerificationFailure,
         ));
     }
-    if revocations.is_revoked(&leaf) {
+    if revocations.revoked(&leaf.id, Some(&leaf.serial)) {
         tracing::info!(peer = %leaf.id, "peer certificate is revoked");
         return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
     }
