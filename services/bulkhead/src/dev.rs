@@ -30,12 +30,17 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
 async fn up(dir: PathBuf, trust_domain: String) -> anyhow::Result<()> {
     let mut spec = MeshSpec::new(&dir);
     spec.trust_domain = trust_domain;
+    spec.audit_view = true;
     println!("starting the mesh in {}", dir.display());
     let mesh = LocalMesh::start(&spec)
         .await
         .context("failed to start the mesh")?;
     for (name, addr) in &mesh.endpoints.services {
         println!("  {name:<15} {addr}");
+    }
+    if let (Some(url), Some(token)) = (&mesh.endpoints.audit_view, &mesh.endpoints.audit_view_token)
+    {
+        println!("audit view: {url}?token=<the token in {}>", token.display());
     }
     println!("endpoints: {}", Endpoints::path(&dir).display());
     println!("logs:      {}", dir.join("logs").display());

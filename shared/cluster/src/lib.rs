@@ -72,6 +72,12 @@ pub struct Endpoints {
     /// The audit service's tree-head public key (hex), for offline verification.
     #[serde(default)]
     pub audit_public_key: Option<PathBuf>,
+    /// The web Audit view, `https://127.0.0.1:PORT/`, when served.
+    #[serde(default)]
+    pub audit_view: Option<String>,
+    /// The file holding the Audit view's operator token (mode 0600).
+    #[serde(default)]
+    pub audit_view_token: Option<PathBuf>,
 }
 
 impl Endpoints {
@@ -115,6 +121,8 @@ pub struct MeshSpec {
     pub log_format: LogFormat,
     /// Extra top-level settings per service, merged into its config file.
     pub extra: BTreeMap<String, toml::Table>,
+    /// Serve the web Audit view on a free port, with an operator token.
+    pub audit_view: bool,
 }
 
 impl MeshSpec {
@@ -127,6 +135,7 @@ impl MeshSpec {
             otlp_endpoint: None,
             log_format: LogFormat::Json,
             extra: BTreeMap::new(),
+            audit_view: false,
         }
     }
 }
@@ -188,6 +197,8 @@ pub struct ServiceProcess {
     pub log: PathBuf,
     pub config: PathBuf,
     binary: PathBuf,
+    /// Secrets handed over in the environment, never in files or argv.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -211,6 +222,7 @@ impl ServiceProcess {
         let child = Command::new(&self.binary)
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -284,6 +296,25 @@ impl LocalMesh {
             dispatcher: addrs.get("dispatcher").cloned(),
         };
 
+        // The Audit view: a free port and a fresh operator token kept in a
+        // 0600 file (never in the config or on a command line).
+        let (view_url, view_token_file, view) = if spec.audit_view {
+            let port = free_port()?;
+            let token: String = (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect();
+            let file = dir.join("audit-view-token");
+            bulkhead_mesh::pki::write_private(&file, &token)
+                .map_err(|e| ClusterError::Setup(e.to_string()))?;
+            (
+                Some(format!("https://127.0.0.1:{port}/")),
+                Some(file),
+                Some((port, token)),
+            )
+        } else {
+            (None, None, None)
+        };
+
         let mut processes = Vec::new();
         for s in SERVICES {
             let addr = addrs[*s].clone();
@@ -314,6 +345,14 @@ impl LocalMesh {
                     toml::Value::String(pki.join("audit-signing.key").display().to_string()),
                 );
             }
+            if let (true, Some((port, _))) = (*s == "audit", &view) {
+                let mut web = toml::Table::new();
+                web.insert(
+                    "listen".into(),
+                    toml::Value::String(format!("127.0.0.1:{port}")),
+                );
+                table.insert("web".into(), toml::Value::Table(web));
+            }
             if let Some(extra) = spec.extra.get(*s) {
                 table.extend(extra.clone());
             }
@@ -326,6 +365,13 @@ impl LocalMesh {
                 log: dir.join("logs").join(format!("{s}.log")),
                 config,
                 binary: find_binary(s, spec.bin_dir.as_deref())?,
+                env: match (&view, *s == "audit") {
+                    (Some((_, token)), true) => vec![(
+                        "BULKHEAD_AUDIT__WEB__OPERATOR_TOKEN".to_owned(),
+                        token.clone(),
+                    )],
+                    _ => Vec::new(),
+                },
                 child: None,
             });
         }
@@ -336,6 +382,8 @@ impl LocalMesh {
             operator_cert: pki.join("operator.pem"),
             operator_key: pki.join("operator.key"),
             audit_public_key: Some(pki.join("audit-signing.key.pub")),
+            audit_view: view_url,
+            audit_view_token: view_token_file,
         };
         let (operator, bundle) = endpoints.operator()?;
         let mut mesh = Self {
