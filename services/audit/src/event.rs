@@ -188,6 +188,12 @@ pub fn parse_time_us(s: &str) -> Option<i64> {
 /// Appends `s` as a JSON string the way RFC 8785 (ECMAScript) serializes it.
 fn json_string(out: &mut String, s: &str) {
     out.push('"');
+    // Most strings need no escaping: copy them whole (Verify's hot path).
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -206,36 +212,81 @@ fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// The canonical JSON of an attributes map (keys sorted, RFC 8785 strings);
+/// also the form the stores keep, so Verify can splice it into the leaf
+/// without parsing it.
+pub fn attributes_json(attributes: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(64);
+    out.push('{');
+    for (i, (k, v)) in attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_string(&mut out, k);
+        out.push(':');
+        json_string(&mut out, v);
+    }
+    out.push('}');
+    out
+}
+
+/// The fields of a leaf as stored, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct LeafParts<'a> {
+    pub actor: &'a str,
+    /// Already canonical (as [`attributes_json`] writes it).
+    pub attributes_json: &'a str,
+    pub outcome: &'a str,
+    pub run_id: &'a str,
+    pub sequence: u64,
+    pub tenant: &'a str,
+    /// The time as [`format_time_us`] writes it.
+    pub time: &'a str,
+    pub kind: &'a str,
+}
+
+/// Writes the leaf of an event from its stored parts.
+pub fn leaf_from_parts(p: &LeafParts<'_>) -> String {
+    let mut out = String::with_capacity(160 + p.attributes_json.len());
+    write_leaf(&mut out, p);
+    out
+}
+
+/// Appends the leaf of an event to `out` (Verify reuses one buffer).
+pub fn write_leaf(out: &mut String, p: &LeafParts<'_>) {
+    out.push_str("{\"actor\":");
+    json_string(out, p.actor);
+    out.push_str(",\"attributes\":");
+    out.push_str(p.attributes_json);
+    out.push_str(",\"outcome\":");
+    json_string(out, p.outcome);
+    out.push_str(",\"run_id\":");
+    json_string(out, p.run_id);
+    let _ = write!(out, ",\"sequence\":{}", p.sequence);
+    out.push_str(",\"tenant\":");
+    json_string(out, p.tenant);
+    out.push_str(",\"time\":");
+    json_string(out, p.time);
+    out.push_str(",\"type\":");
+    json_string(out, p.kind);
+    out.push('}');
+}
+
 impl Event {
     /// The leaf: RFC 8785 canonical JSON of {actor, attributes, outcome,
     /// run_id, sequence, tenant, time, type}. Member names are ASCII, so
     /// sorting by bytes is sorting by UTF-16 code units as RFC 8785 asks.
     pub fn leaf(&self) -> String {
-        let mut out = String::with_capacity(256);
-        out.push_str("{\"actor\":");
-        json_string(&mut out, &self.actor);
-        out.push_str(",\"attributes\":{");
-        for (i, (k, v)) in self.attributes.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            json_string(&mut out, k);
-            out.push(':');
-            json_string(&mut out, v);
-        }
-        out.push_str("},\"outcome\":");
-        json_string(&mut out, self.outcome.as_str());
-        out.push_str(",\"run_id\":");
-        json_string(&mut out, &self.run_id);
-        let _ = write!(out, ",\"sequence\":{}", self.sequence);
-        out.push_str(",\"tenant\":");
-        json_string(&mut out, &self.tenant);
-        out.push_str(",\"time\":");
-        json_string(&mut out, &format_time_us(self.time_us));
-        out.push_str(",\"type\":");
-        json_string(&mut out, &self.kind);
-        out.push('}');
-        out
+        leaf_from_parts(&LeafParts {
+            actor: &self.actor,
+            attributes_json: &attributes_json(&self.attributes),
+            outcome: self.outcome.as_str(),
+            run_id: &self.run_id,
+            sequence: self.sequence,
+            tenant: &self.tenant,
+            time: &format_time_us(self.time_us),
+            kind: &self.kind,
+        })
     }
 
     pub fn leaf_hash(&self) -> Hash {

@@ -93,12 +93,12 @@ pub async fn verify(
     let mut acc = Accumulator::default();
     let mut expected = 1u64;
     'rows: while expected <= end {
-        let rows = store.range(expected - 1, CHUNK).await?;
+        let rows = store.verify_scan(expected - 1, CHUNK).await?;
         if rows.is_empty() {
             break;
         }
         for row in rows {
-            let seq = row.event.sequence;
+            let seq = row.sequence;
             if seq > end {
                 break 'rows;
             }
@@ -106,10 +106,10 @@ pub async fn verify(
                 fail(&mut report, expected, Problem::SequenceGap);
                 return Ok(report);
             }
-            let leaf = row.event.leaf_hash();
+            let leaf = row.recomputed;
             if seq >= from {
                 report.checked += 1;
-                if leaf != row.leaf_hash || row.event.sequence != seq {
+                if leaf != row.stored {
                     fail(&mut report, seq, Problem::LeafMismatch);
                     return Ok(report);
                 }

@@ -77,6 +77,30 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     async fn heads(&self) -> Result<Vec<TreeHead>, StoreError>;
     async fn latest_head(&self) -> Result<Option<TreeHead>, StoreError>;
     async fn head_at(&self, tree_size: u64) -> Result<Option<TreeHead>, StoreError>;
+
+    /// For Verify: up to `limit` rows after `after`, each with the leaf hash
+    /// recomputed from its stored fields beside the stored one. Backends may
+    /// override it with a faster read path.
+    async fn verify_scan(&self, after: u64, limit: u32) -> Result<Vec<LeafCheck>, StoreError> {
+        Ok(self
+            .range(after, limit)
+            .await?
+            .into_iter()
+            .map(|r| LeafCheck {
+                sequence: r.event.sequence,
+                recomputed: r.event.leaf_hash(),
+                stored: r.leaf_hash,
+            })
+            .collect())
+    }
+}
+
+/// One row as Verify sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafCheck {
+    pub sequence: u64,
+    pub recomputed: Hash,
+    pub stored: Hash,
 }
 
 /// Opens `sqlite://PATH` (created if missing) or `postgres://...`.
@@ -130,7 +154,7 @@ impl RawRow {
 }
 
 pub(crate) fn attributes_json(a: &BTreeMap<String, String>) -> String {
-    serde_json::to_string(a).unwrap_or_else(|_| "{}".into())
+    crate::event::attributes_json(a)
 }
 
 pub(crate) fn head_from_parts(
