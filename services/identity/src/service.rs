@@ -84,7 +84,7 @@ pub const POLICY: Policy = Policy {
 const TOKEN_PREFIX: &str = "bhjt_";
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-const MAX_TOKEN_USES: u32 = 1000;
+const MAX_TOKEN_USES: u32 = 10_000;
 /// How often expired revocation entries are swept.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 
@@ -495,7 +495,7 @@ impl IdentityService for IdentityApi {
         }
         let max_uses = if r.max_uses == 0 { 1 } else { r.max_uses };
         if max_uses > MAX_TOKEN_USES {
-            return Err(Error::invalid("max_uses", "at most 1000").into());
+            return Err(Error::invalid("max_uses", "at most 10000").into());
         }
         if r.description.len() > 256 {
             return Err(Error::invalid("description", "at most 256 bytes").into());
@@ -617,8 +617,8 @@ impl IdentityService for IdentityApi {
     ) -> Result<Response<pb::EnrollWorkerResponse>, Status> {
         let r = req.into_inner();
         let refused = || Status::unauthenticated("invalid join token");
-        if !valid_id(&r.worker_name) {
-            return Err(Error::invalid("worker_name", "1 to 64 bytes of [A-Za-z0-9_-]").into());
+        if !valid_name(&r.worker_name) {
+            return Err(Error::invalid("worker_name", "1 to 63 bytes of [a-z0-9-]").into());
         }
         let token_id = r
             .join_token
@@ -655,7 +655,10 @@ impl IdentityService for IdentityApi {
         // From here on, a failure gives the use back: nothing was issued.
         let result: Result<pb::EnrollWorkerResponse, Error> = async {
             let spki = csr::accept(&r.csr_der).map_err(|e| Error::invalid("csr_der", e))?;
-            let worker_id = format!("{}-{}", r.worker_name, random_hex(4));
+            // The id stays within the 64 bytes every id has: the name is cut
+            // to 55 bytes (it is ASCII) before the random suffix.
+            let stem = &r.worker_name[..r.worker_name.len().min(55)];
+            let worker_id = format!("{stem}-{}", random_hex(4));
             let (path, tenant, pool) = if token.tenant.is_empty() {
                 (
                     ["pool", token.pool.as_str(), "worker", worker_id.as_str()],
@@ -912,7 +915,14 @@ impl IdentityService for IdentityApi {
             return Err(Error::invalid("ttl", "must be positive").into());
         }
         let now = now_ms() / 1000;
-        let exp = now + i64::try_from(ttl.as_secs()).unwrap_or(300);
+        let mut exp = now + i64::try_from(ttl.as_secs()).unwrap_or(300);
+        // The token never outlives the run's X.509-SVID.
+        if let Some(cert_exp) = caller.not_after {
+            exp = exp.min(cert_exp);
+        }
+        if exp <= now {
+            return Err(Error::FailedPrecondition("the run's svid has expired".into()).into());
+        }
         let jti = random_hex(12);
         self.audit(audit::event(
             "identity.jwt_minted",
@@ -988,44 +998,42 @@ impl IdentityService for IdentityApi {
         let td = &self.inner.td;
         let store = &self.inner.store;
         let (target, spiffe_id, expires_at_ms) = match r.target {
-            Some(T::RunId(run)) => {
-                if !valid_id(&run) {
-                    return Err(Error::invalid("run_id", "1 to 64 bytes of [A-Za-z0-9_-]").into());
-                }
-                let Some(_) = store.run_worker(&run).await.map_err(store_err)? else {
-                    return Err(Error::NotFound(format!("run {run}")).into());
+            Some(T::RunId(ref id)) | Some(T::WorkerId(ref id)) => {
+                let (kind, field) = match r.target {
+                    Some(T::RunId(_)) => ("run", "run_id"),
+                    _ => ("worker", "worker_id"),
                 };
-                let id = if r.tenant.is_empty() {
-                    // A pool run: find its id among the issued rows.
-                    return Err(Error::invalid(
-                        "tenant",
-                        "required for a run (pool runs: revoke the worker)",
-                    )
-                    .into());
+                if !valid_id(id) {
+                    return Err(Error::invalid(field, "1 to 64 bytes of [A-Za-z0-9_-]").into());
+                }
+                // What identity issued names the tenant or pool; a request
+                // naming another tenant finds nothing.
+                let issued = store
+                    .find_issued(kind, id)
+                    .await
+                    .map_err(store_err)?
+                    .filter(|row| r.tenant.is_empty() || row.tenant == r.tenant)
+                    .filter(|row| !r.tenant.is_empty() || row.tenant.is_empty())
+                    .ok_or_else(|| Error::NotFound(format!("{kind} {id}")))?;
+                let spiffe_id = if kind == "run" {
+                    issued.spiffe_id.clone()
                 } else {
-                    td.join(["tenant", r.tenant.as_str(), "run", run.as_str()])
-                        .map_err(|e| Error::invalid("run_id", e))?
+                    let (scope, name) = if issued.tenant.is_empty() {
+                        ("pool", issued.pool.as_str())
+                    } else {
+                        ("tenant", issued.tenant.as_str())
+                    };
+                    td.join([scope, name, "worker", id.as_str()])
+                        .map_err(|e| Error::invalid(field, e))?
+                        .to_string()
                 };
-                let exp = store.max_not_after(id.as_str()).await.map_err(store_err)?;
-                (Target::Run(run), id.to_string(), exp)
-            }
-            Some(T::WorkerId(w)) => {
-                if !valid_id(&w) {
-                    return Err(
-                        Error::invalid("worker_id", "1 to 64 bytes of [A-Za-z0-9_-]").into(),
-                    );
-                }
-                if r.tenant.is_empty() {
-                    return Err(Error::invalid("tenant", "required for a worker").into());
-                }
-                let id = td
-                    .join(["tenant", r.tenant.as_str(), "worker", w.as_str()])
-                    .map_err(|e| Error::invalid("worker_id", e))?;
-                let exp = store.max_not_after(id.as_str()).await.map_err(store_err)?;
-                if exp.is_none() {
-                    return Err(Error::NotFound(format!("worker {w}")).into());
-                }
-                (Target::Worker(w), id.to_string(), exp)
+                let exp = store.max_not_after(&spiffe_id).await.map_err(store_err)?;
+                let target = if kind == "run" {
+                    Target::Run(id.clone())
+                } else {
+                    Target::Worker(id.clone())
+                };
+                (target, spiffe_id, exp)
             }
             Some(T::WholeTenant(true)) => {
                 if r.tenant.is_empty() {

@@ -87,6 +87,9 @@ pub struct Policy {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub id: SpiffeId,
+    /// When the caller's certificate expires (seconds since the epoch), so
+    /// that nothing issued to it outlives it.
+    pub not_after: Option<i64>,
 }
 
 impl Caller {
@@ -119,6 +122,8 @@ pub struct PeerInfo {
     pub id: Option<SpiffeId>,
     /// The client certificate's serial (big-endian), for revocation checks.
     pub serial: Option<Vec<u8>>,
+    /// The client certificate's expiry, seconds since the epoch.
+    pub not_after: Option<i64>,
     pub remote: Option<std::net::SocketAddr>,
 }
 
@@ -319,10 +324,10 @@ where
                 deny(err)
             };
             let path = req.uri().path().to_owned();
-            let (peer, serial) = req
+            let (peer, serial, not_after) = req
                 .extensions()
                 .get::<PeerInfo>()
-                .map(|p| (p.id.clone(), p.serial.clone()))
+                .map(|p| (p.id.clone(), p.serial.clone(), p.not_after))
                 .unwrap_or_default();
             if let Some(id) = &peer
                 && revocations.revoked(id, serial.as_deref())
@@ -368,7 +373,10 @@ where
                 }
                 req = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
             }
-            req.extensions_mut().insert(Caller { id: caller });
+            req.extensions_mut().insert(Caller {
+                id: caller,
+                not_after,
+            });
             inner.call(req).await
         })
     }

@@ -291,7 +291,8 @@ fn accept_loop(
                             .and_then(|leaf| svid::validate_leaf(leaf).ok());
                         let peer = PeerInfo {
                             id: leaf.as_ref().map(|l| l.id.clone()),
-                            serial: leaf.map(|l| l.serial),
+                            serial: leaf.as_ref().map(|l| l.serial.clone()),
+                            not_after: leaf.map(|l| l.not_after),
                             remote: Some(remote),
                         };
                         let _ = tx.send(Ok(MeshStream { inner: tls, peer })).await;

@@ -148,6 +148,10 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     async fn max_not_after(&self, spiffe_id_prefix: &str) -> Result<Option<i64>, StoreError>;
     /// Whether a run id was already minted (and for which worker).
     async fn run_worker(&self, run_id: &str) -> Result<Option<String>, StoreError>;
+    /// The most recently issued certificate of a worker (`kind` "worker",
+    /// by worker id) or a run (`kind` "run", by run id): who it is, for
+    /// revocation by id.
+    async fn find_issued(&self, kind: &str, id: &str) -> Result<Option<IssuedRow>, StoreError>;
 
     /// Adds an entry; the store assigns and returns its sequence.
     async fn add_revocation(&self, row: &RevocationRow) -> Result<u64, StoreError>;

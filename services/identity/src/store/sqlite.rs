@@ -322,6 +322,19 @@ impl IdentityStore for SqliteStore {
         Ok(rows.into_iter().map(IssuedRow::from).collect())
     }
 
+    async fn find_issued(&self, kind: &str, id: &str) -> Result<Option<IssuedRow>, StoreError> {
+        let column = if kind == "run" { "run_id" } else { "worker_id" };
+        let row = sqlx::query_as::<_, RawIssued>(&format!(
+            "SELECT {ISSUED_COLUMNS} FROM issued WHERE kind = ? AND {column} = ?
+             ORDER BY issued_at_ms DESC, serial DESC LIMIT 1"
+        ))
+        .bind(kind)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(IssuedRow::from))
+    }
+
     async fn max_not_after(&self, spiffe_id_prefix: &str) -> Result<Option<i64>, StoreError> {
         let max =
             match prefix_end(spiffe_id_prefix) {
