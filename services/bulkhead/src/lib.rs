@@ -4,3 +4,4 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod identity;

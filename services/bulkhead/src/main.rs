@@ -39,6 +39,9 @@ enum Command {
     /// The audit log: query, tail, export, verify.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Identities: join tokens, revocation, the trust bundle.
+    #[command(subcommand)]
+    Identity(bulkhead_cli::identity::IdentityCommand),
     /// Checks gRPC health of every service of a running mesh.
     Health {
         #[arg(long, env = "BULKHEAD_DIR", value_name = "DIR")]
@@ -56,6 +59,7 @@ fn main() -> anyhow::Result<()> {
             Command::Dev(cmd) => dev::run(cmd).await,
             Command::Health { dir } => dev::health(&dir).await,
             Command::Audit(cmd) => audit::run(cmd).await,
+            Command::Identity(cmd) => bulkhead_cli::identity::run(cmd).await,
         }
     })
 }

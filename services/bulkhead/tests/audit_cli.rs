@@ -740,6 +740,8 @@ mod e2e {
             operator_cert: pki.join("operator.pem"),
             operator_key: pki.join("operator.key"),
             audit_public_key: None,
+            audit_view: None,
+            audit_view_token: None,
         };
         std::fs::write(
             bulkhead_cluster::Endpoints::path(work.path()),

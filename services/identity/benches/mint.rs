@@ -391,6 +391,9 @@ impl IdentityStore for Timed {
         StoreTimes::push(&self.times.run_worker, t.elapsed());
         r
     }
+    async fn find_issued(&self, kind: &str, id: &str) -> Result<Option<IssuedRow>, StoreError> {
+        self.inner.find_issued(kind, id).await
+    }
     async fn add_revocation(&self, row: &RevocationRow) -> Result<u64, StoreError> {
         self.inner.add_revocation(row).await
     }
