@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod cascade;
 pub mod config;
 pub mod crypto;
 pub mod secret;

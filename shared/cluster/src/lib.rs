@@ -345,6 +345,11 @@ impl LocalMesh {
                     toml::Value::String(pki.join("audit-signing.key").display().to_string()),
                 );
             }
+            if *s == "sealed-vault" {
+                // A local mesh makes its own master and fingerprint keys
+                // (0600, under the data directory); production provisions them.
+                table.insert("create_missing_keys".into(), toml::Value::Boolean(true));
+            }
             if let (true, Some((port, _))) = (*s == "audit", &view) {
                 let mut web = toml::Table::new();
                 web.insert(
