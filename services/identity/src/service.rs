@@ -96,8 +96,62 @@ pub struct Limits {
     pub jwt_max_ttl: Duration,
 }
 
+/// Groups the records of concurrent issuances into one transaction: one
+/// commit (one fsync) for many mints, and no writers racing for SQLite's lock.
+#[derive(Debug, Clone)]
+struct IssuedWriter {
+    tx: tokio::sync::mpsc::Sender<(IssuedRow, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+}
+
+/// Most rows committed together.
+const ISSUED_GROUP: usize = 256;
+
+impl IssuedWriter {
+    fn start(store: Arc<dyn IdentityStore>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+            IssuedRow,
+            tokio::sync::oneshot::Sender<Result<(), String>>,
+        )>(4096);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while group.len() < ISSUED_GROUP {
+                    match rx.try_recv() {
+                        Ok(item) => group.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let rows: Vec<IssuedRow> = group.iter().map(|(r, _)| r.clone()).collect();
+                let result = store
+                    .put_issued_many(&rows)
+                    .await
+                    .map_err(|e| e.to_string());
+                for (_, reply) in group {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    async fn put(&self, row: IssuedRow) -> Result<(), Error> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let gone = || {
+            Error::unavailable(
+                "identity store",
+                std::io::Error::other("issuance writer stopped"),
+            )
+        };
+        self.tx.send((row, reply)).await.map_err(|_| gone())?;
+        rx.await
+            .map_err(|_| gone())?
+            .map_err(|e| Error::unavailable("identity store", std::io::Error::other(e)))
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
+    issued: IssuedWriter,
     td: TrustDomain,
     ca: Ca,
     chain: Vec<CertificateDer<'static>>,
@@ -259,6 +313,7 @@ impl IdentityApi {
         let chain = parts.ca.chain();
         let api = Self {
             inner: Arc::new(Inner {
+                issued: IssuedWriter::start(parts.store.clone()),
                 td: parts.ca.trust_domain().clone(),
                 ca: parts.ca,
                 chain,
@@ -345,7 +400,7 @@ impl IdentityApi {
             issued_at_ms: now_ms(),
             ..row
         };
-        self.inner.store.put_issued(&row).await.map_err(store_err)?;
+        self.inner.issued.put(row).await?;
         Ok(pb::X509Svid {
             cert_chain_der: self.chain_der(cert.der),
             spiffe_id: id.to_string(),

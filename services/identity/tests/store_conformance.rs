@@ -373,9 +373,16 @@ async fn issued_certificates(s: &dyn IdentityStore) {
             NOW + 50 * MINUTE,
         ),
     ];
-    for row in &rows {
+    // One by one, and several in one transaction (the issuance writer's way).
+    for row in &rows[..2] {
         s.put_issued(row).await.expect("put");
     }
+    s.put_issued_many(&rows[2..]).await.expect("put many");
+    // A batch with a duplicate serial is refused whole.
+    let mut fresh = rows[0].clone();
+    fresh.serial = "0c01".into();
+    assert!(s.put_issued_many(&[fresh.clone(), rows[3].clone()]).await.is_err());
+    assert_eq!(s.find_issued("worker", "nobody").await.expect("find"), None);
     let mut clash = rows[1].clone();
     clash.run_id = "other".into();
     assert!(

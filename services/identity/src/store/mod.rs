@@ -137,6 +137,9 @@ pub trait IdentityStore: Send + Sync + std::fmt::Debug {
     async fn release_join_token_use(&self, token_id: &str) -> Result<(), StoreError>;
 
     async fn put_issued(&self, row: &IssuedRow) -> Result<(), StoreError>;
+    /// Records several certificates in one transaction (one commit), for the
+    /// issuance writer that groups concurrent mints.
+    async fn put_issued_many(&self, rows: &[IssuedRow]) -> Result<(), StoreError>;
     /// Unexpired run certificates held by a worker.
     async fn runs_of_worker(
         &self,

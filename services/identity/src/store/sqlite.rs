@@ -305,6 +305,28 @@ impl IdentityStore for SqliteStore {
         Ok(())
     }
 
+    async fn put_issued_many(&self, rows: &[IssuedRow]) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        for row in rows {
+            sqlx::query(&format!(
+                "INSERT INTO issued ({ISSUED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .bind(&row.serial)
+            .bind(&row.spiffe_id)
+            .bind(&row.kind)
+            .bind(&row.tenant)
+            .bind(&row.pool)
+            .bind(&row.worker_id)
+            .bind(&row.run_id)
+            .bind(row.not_after_ms)
+            .bind(row.issued_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn runs_of_worker(
         &self,
         worker_id: &str,
