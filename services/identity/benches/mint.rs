@@ -375,6 +375,12 @@ impl IdentityStore for Timed {
         StoreTimes::push(&self.times.put_issued, t.elapsed());
         r
     }
+    async fn put_issued_many(&self, rows: &[IssuedRow]) -> Result<(), StoreError> {
+        let t = Instant::now();
+        let r = self.inner.put_issued_many(rows).await;
+        StoreTimes::push(&self.times.put_issued, t.elapsed());
+        r
+    }
     async fn runs_of_worker(
         &self,
         worker_id: &str,
