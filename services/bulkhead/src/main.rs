@@ -42,6 +42,12 @@ enum Command {
     /// Identities: join tokens, revocation, the trust bundle.
     #[command(subcommand)]
     Identity(bulkhead_cli::identity::IdentityCommand),
+    /// Tenant profiles in sealed-vault: settings and secret metadata.
+    #[command(subcommand)]
+    Profile(bulkhead_cli::sealed::ProfileCommand),
+    /// Secrets in sealed-vault: put (from stdin or a file), reveal, revoke.
+    #[command(subcommand)]
+    Secret(bulkhead_cli::sealed::SecretCommand),
     /// Checks gRPC health of every service of a running mesh.
     Health {
         #[arg(long, env = "BULKHEAD_DIR", value_name = "DIR")]
@@ -60,6 +66,8 @@ fn main() -> anyhow::Result<()> {
             Command::Health { dir } => dev::health(&dir).await,
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Identity(cmd) => bulkhead_cli::identity::run(cmd).await,
+            Command::Profile(cmd) => bulkhead_cli::sealed::run_profile(cmd).await,
+            Command::Secret(cmd) => bulkhead_cli::sealed::run_secret(cmd).await,
         }
     })
 }

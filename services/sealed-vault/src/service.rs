@@ -162,6 +162,23 @@ fn valid_name(s: &str) -> bool {
         && !s.starts_with('-')
 }
 
+/// Profile names: 1 to 64 bytes of [A-Za-z0-9._-], not "." or "..".
+fn valid_profile(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s != "."
+        && s != ".."
+}
+
+fn check_profile(field: &'static str, s: &str) -> Result<(), Error> {
+    if valid_profile(s) {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, "1 to 64 bytes of [A-Za-z0-9._-]"))
+    }
+}
+
 /// Secret and env keys: 1 to 128 bytes of [A-Za-z0-9_], not starting with a digit.
 fn valid_key(s: &str) -> bool {
     (1..=128).contains(&s.len())
@@ -422,7 +439,7 @@ impl SealedVaultApi {
                     if p.tenant != tenant {
                         return Err(Error::denied("cascade levels never cross tenants"));
                     }
-                    check_name("cascade.profile", &p.profile)?;
+                    check_profile("cascade.profile", &p.profile)?;
                     let bundle = self
                         .p()
                         .store
@@ -772,7 +789,7 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("name", &r.name)?;
+        check_profile("name", &r.name)?;
         let spec = spec_from_pb(r.spec)?;
         self.audit(audit::event(
             "sealed.profile.created",
@@ -800,7 +817,7 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("name", &r.name)?;
+        check_profile("name", &r.name)?;
         let spec = spec_from_pb(r.spec)?;
         self.audit(audit::event(
             "sealed.profile.updated",
@@ -828,7 +845,7 @@ impl SealedVaultService for SealedVaultApi {
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("name", &r.name)?;
+        check_profile("name", &r.name)?;
         let b = self
             .p()
             .store
@@ -898,7 +915,13 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("name", &r.name)?;
+        check_profile("name", &r.name)?;
+        self.p()
+            .store
+            .get_profile(&r.tenant, &r.name)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::NotFound(format!("profile {}/{}", r.tenant, r.name)))?;
         self.audit(audit::event(
             "sealed.profile.deleted",
             &r.tenant,
@@ -925,9 +948,15 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("profile", &r.profile)?;
+        check_profile("profile", &r.profile)?;
         check_key("key", &r.key)?;
         let store = &self.p().store;
+        // Audit records what happens: refuse a missing profile before recording.
+        store
+            .get_profile(&r.tenant, &r.profile)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::NotFound(format!("profile {}/{}", r.tenant, r.profile)))?;
         // A version is bound into its ciphertext, so seal for the next one and
         // retry if another writer got there first.
         for _ in 0..5 {
@@ -1022,8 +1051,14 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("profile", &r.profile)?;
+        check_profile("profile", &r.profile)?;
         check_key("key", &r.key)?;
+        self.p()
+            .store
+            .current_version(&r.tenant, &r.profile, &r.key)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::NotFound(format!("secret {}", r.key)))?;
         self.audit(audit::event(
             "sealed.secret.deleted",
             &r.tenant,
@@ -1052,7 +1087,7 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("profile", &r.profile)?;
+        check_profile("profile", &r.profile)?;
         check_key("key", &r.key)?;
         if r.reason.trim().is_empty() || r.reason.len() > 512 {
             return Err(Error::invalid("reason", "1 to 512 bytes").into());
@@ -1149,7 +1184,7 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        check_name("profile", &r.profile)?;
+        check_profile("profile", &r.profile)?;
         if !r.key.is_empty() {
             check_key("key", &r.key)?;
         }
@@ -1226,7 +1261,7 @@ impl SealedVaultService for SealedVaultApi {
             return Err(Error::invalid("reason", "1 to 512 bytes").into());
         }
         self.audit(audit::event(
-            "sealed.revocation.lifted",
+            "sealed.secret.revocation_lifted",
             &r.tenant,
             "",
             Outcome::Success,
