@@ -66,6 +66,8 @@ pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// How long a resolved run counts as holding its keys (for RevokeSecret's
 /// affected runs): a run SVID lives at most 15 minutes.
 const RUN_MEMORY: Duration = Duration::from_secs(20 * 60);
+/// How often expired runs are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// How often the JWT bundle is refreshed from identity.
 const BUNDLE_REFRESH: Duration = Duration::from_secs(30);
 
@@ -100,6 +102,7 @@ struct Inner {
     bundle: tokio::sync::RwLock<Option<(JwtBundle, Instant)>>,
     /// run id → what it resolved, for RevokeSecret's affected runs.
     held: Mutex<HashMap<String, Vec<HeldKeys>>>,
+    last_prune: Mutex<Instant>,
     reveals: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -350,6 +353,11 @@ fn revocation_pb(r: &SecretRevocation) -> pb::SecretRevocation {
 
 fn entry_pb(e: &Entry) -> pb::CascadeEntry {
     let (kind, backend, version) = match &e.source {
+        // A reference's version is its backend's, known only at Resolve.
+        Source::Stored {
+            material: SecretMaterial::Reference(r),
+            ..
+        } => (pb::EntryKind::Secret, reference_backend(r), 0),
         Source::Stored {
             material, version, ..
         } => (pb::EntryKind::Secret, backend_of(material), *version),
@@ -374,6 +382,7 @@ impl SealedVaultApi {
                 parts,
                 bundle: tokio::sync::RwLock::new(None),
                 held: Mutex::new(HashMap::new()),
+                last_prune: Mutex::new(Instant::now()),
                 reveals: Mutex::new(HashMap::new()),
             }),
         }
@@ -489,10 +498,22 @@ impl SealedVaultApi {
                 .push(e.key.clone());
         }
         let mut held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.retain(|_, v| {
-            v.retain(|h| h.at.elapsed() < RUN_MEMORY);
-            !v.is_empty()
-        });
+        // Forget expired runs now and then, not on every Resolve: a full sweep
+        // per call made Resolve slower the longer the service ran.
+        {
+            let mut last = self
+                .inner
+                .last_prune
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() >= PRUNE_EVERY {
+                *last = Instant::now();
+                held.retain(|_, v| {
+                    v.retain(|h| h.at.elapsed() < RUN_MEMORY);
+                    !v.is_empty()
+                });
+            }
+        }
         let list = held.entry(run.to_owned()).or_default();
         for (profile, keys) in by_profile {
             list.push(HeldKeys {
@@ -581,6 +602,13 @@ impl SealedVaultApi {
         let entries = cascade::apply(&levels);
         let mut chosen: Vec<&Entry> = entries.values().collect();
         if !r.keys.is_empty() {
+            if let Some(missing) = r
+                .keys
+                .iter()
+                .find(|k| !entries.get(*k).is_some_and(Entry::is_secret))
+            {
+                return Err(Error::NotFound(format!("key {missing} in the cascade")));
+            }
             chosen.retain(|e| !e.is_secret() || r.keys.contains(&e.key));
         }
         for level in &levels {
@@ -661,21 +689,16 @@ impl SealedVaultApi {
                 }
                 Source::Stored {
                     material: SecretMaterial::Reference(rf),
-                    version,
                     ..
-                } => {
-                    let got = fetched.next().ok_or_else(|| {
-                        Error::internal(std::io::Error::other("backend result missing"))
-                    })?;
-                    let got = got.map_err(|be| backend_err(&be.kind))?;
-                    (got.value, *version, reference_backend(rf), got.request_id)
                 }
-                Source::Reference(rf) => {
+                | Source::Reference(rf) => {
                     let got = fetched.next().ok_or_else(|| {
                         Error::internal(std::io::Error::other("backend result missing"))
                     })?;
                     let got = got.map_err(|be| backend_err(&be.kind))?;
-                    (got.value, 0, reference_backend(rf), got.request_id)
+                    // A reference's version is its backend's (Vault KV v2), else 0.
+                    let version = got.version.parse().unwrap_or(0);
+                    (got.value, version, reference_backend(rf), got.request_id)
                 }
             };
             let fingerprint = self.fingerprint(value.expose());
@@ -727,7 +750,7 @@ impl SealedVaultApi {
 
     async fn deny_audit(&self, caller: &Caller, tenant: &str, run: &str, why: &str) {
         let e = audit::event(
-            "sealed.access_denied",
+            "sealed.credential.refused",
             tenant,
             run,
             Outcome::Denied,
@@ -952,11 +975,18 @@ impl SealedVaultService for SealedVaultApi {
         check_key("key", &r.key)?;
         let store = &self.p().store;
         // Audit records what happens: refuse a missing profile before recording.
-        store
+        let profile = store
             .get_profile(&r.tenant, &r.profile)
             .await
             .map_err(store_err)?
             .ok_or_else(|| Error::NotFound(format!("profile {}/{}", r.tenant, r.profile)))?;
+        if profile.spec.env.contains_key(&r.key) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is a non-secret env name of profile {}/{}",
+                r.key, r.tenant, r.profile
+            ))
+            .into());
+        }
         // A version is bound into its ciphertext, so seal for the next one and
         // retry if another writer got there first.
         for _ in 0..5 {
@@ -1260,6 +1290,20 @@ impl SealedVaultService for SealedVaultApi {
         if r.reason.trim().is_empty() || r.reason.len() > 512 {
             return Err(Error::invalid("reason", "1 to 512 bytes").into());
         }
+        let existing = self
+            .p()
+            .store
+            .get_revocation(&r.tenant, &r.revocation_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Error::NotFound(format!("revocation {}", r.revocation_id)))?;
+        if existing.lifted.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "revocation {} was already lifted",
+                r.revocation_id
+            ))
+            .into());
+        }
         self.audit(audit::event(
             "sealed.secret.revocation_lifted",
             &r.tenant,
@@ -1433,6 +1477,36 @@ impl SealedVaultService for SealedVaultApi {
         }
         let export: crate::store::StoreExport = serde_json::from_slice(&buf)
             .map_err(|_| Error::invalid("chunk", "not a sealed-vault export"))?;
+        // Refuse before recording: without overwrite the store must be empty.
+        if !overwrite {
+            let store = &self.p().store;
+            let profiles = store
+                .list_profiles(
+                    Tenants::All,
+                    &ProfileQuery {
+                        tag: None,
+                        after: None,
+                        limit: 1,
+                    },
+                )
+                .await
+                .map_err(store_err)?;
+            let revocations = store
+                .list_revocations(
+                    Tenants::All,
+                    &RevocationQuery {
+                        profile: None,
+                        include_lifted: true,
+                        before: None,
+                        limit: 1,
+                    },
+                )
+                .await
+                .map_err(store_err)?;
+            if !profiles.is_empty() || !revocations.is_empty() {
+                return Err(store_err(StoreError::NotEmpty).into());
+            }
+        }
         self.audit(audit::event(
             "sealed.store.imported",
             "",
