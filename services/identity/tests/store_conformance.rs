@@ -381,7 +381,11 @@ async fn issued_certificates(s: &dyn IdentityStore) {
     // A batch with a duplicate serial is refused whole.
     let mut fresh = rows[0].clone();
     fresh.serial = "0c01".into();
-    assert!(s.put_issued_many(&[fresh.clone(), rows[3].clone()]).await.is_err());
+    assert!(
+        s.put_issued_many(&[fresh.clone(), rows[3].clone()])
+            .await
+            .is_err()
+    );
     assert_eq!(s.find_issued("worker", "nobody").await.expect("find"), None);
     let mut clash = rows[1].clone();
     clash.run_id = "other".into();
