@@ -631,6 +631,50 @@ async fn mint_phase(
     .await)
 }
 
+/// Open loop: MintRunSvid offered at `rate` per second for `secs` seconds
+/// (bounded: rate × secs calls), spread over `k` connections. Unlike the
+/// closed-loop phases, latency here is not inflated by callers queueing
+/// behind each other: it is what a caller sees at that load.
+async fn paced_phase(
+    stack: &Stack,
+    pki: &Pki,
+    keys: &Arc<Vec<RunKey>>,
+    rate: u64,
+    secs: u64,
+    k: u64,
+) -> anyhow::Result<Run> {
+    let clients = stack.clients(pki, &pki.dispatcher, k).await?;
+    let n = rate * secs;
+    let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for i in 0..n {
+        tick.tick().await;
+        let mut c = clients[(i % k) as usize].clone();
+        let req = mint_request("paced", i, keys[(i as usize) % keys.len()].csr.clone());
+        let (lat, errors) = (lat.clone(), errors.clone());
+        tasks.spawn(async move {
+            let t = Instant::now();
+            match c.mint_run_svid(req).await {
+                Ok(_) => lat.lock().expect("lock").push(t.elapsed()),
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed();
+    let all = std::mem::take(&mut *lat.lock().expect("lock"));
+    Ok(Run {
+        errors: errors.load(Ordering::Relaxed),
+        ..Run::from_latencies(all, elapsed)
+    })
+}
+
 /// Mints one run SVID per client and dials identity as that run.
 async fn run_clients(
     stack: &Stack,
@@ -1134,6 +1178,15 @@ async fn run() -> anyhow::Result<()> {
             println!("{}", r.line("jwt"));
             fig.jwt = Some((p.jwt_clients, r));
         }
+        stack.shutdown().await?;
+    }
+    let rate = env_u64("MINT_BENCH_RATE", 2000)?;
+    if rate > 0 {
+        let secs = env_u64("MINT_BENCH_RATE_SECS", 5)?.clamp(1, 60);
+        let stack = start_stack(&pki, None, None).await?;
+        println!("\n== MintRunSvid open loop: {rate}/s offered for {secs} s over 16 connections ==");
+        let r = paced_phase(&stack, &pki, &keys, rate, secs, 16).await?;
+        println!("{}", r.line("paced mint"));
         stack.shutdown().await?;
     }
     if p.probe > 0 {
