@@ -352,6 +352,9 @@ impl AuditService for AuditApi {
         if r.to_sequence != 0 && r.from_sequence > r.to_sequence {
             return Err(Error::invalid("from_sequence", "after to_sequence").into());
         }
+        // Sign a head over everything committed so far, so that Verify checks
+        // the newest events against a signature too, not only their leaves.
+        self.log.checkpoint().await.map_err(store_err)?;
         let report = verify::verify(
             self.log.store().as_ref(),
             &self.log.signer().public(),

@@ -1184,7 +1184,9 @@ async fn run() -> anyhow::Result<()> {
     if rate > 0 {
         let secs = env_u64("MINT_BENCH_RATE_SECS", 5)?.clamp(1, 60);
         let stack = start_stack(&pki, None, None).await?;
-        println!("\n== MintRunSvid open loop: {rate}/s offered for {secs} s over 16 connections ==");
+        println!(
+            "\n== MintRunSvid open loop: {rate}/s offered for {secs} s over 16 connections =="
+        );
         let r = paced_phase(&stack, &pki, &keys, rate, secs, 16).await?;
         println!("{}", r.line("paced mint"));
         stack.shutdown().await?;
