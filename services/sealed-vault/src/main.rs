@@ -130,7 +130,15 @@ async fn main() -> anyhow::Result<()> {
         revocations: revoked.clone(),
         reveals_per_minute: config.reveals_per_minute,
     });
+    // Resolve fails closed until identity's revocation list is in hand:
+    // report NOT_SERVING until then.
+    let synced = revoked.clone();
     let bound = MeshServer::new("sealed-vault", identity, bundle)
+        .ready_when(async move {
+            while !synced.synced() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
         .revocations(revoked)
         .add_service(service::server(api), service::POLICY)
         .bind(config.mesh.listen)

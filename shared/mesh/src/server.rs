@@ -59,6 +59,7 @@ pub struct MeshServer {
     services: Vec<&'static str>,
     draining: CancellationToken,
     denials: Option<Arc<dyn DenialSink>>,
+    ready: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for MeshServer {
@@ -84,7 +85,16 @@ impl MeshServer {
             services: Vec::new(),
             draining: CancellationToken::new(),
             denials: None,
+            ready: None,
         }
+    }
+
+    /// Reports NOT_SERVING on gRPC health until `ready` resolves (for a
+    /// dependency the service cannot answer without, such as identity's
+    /// revocation list), so that orchestrators wait for it.
+    pub fn ready_when(mut self, ready: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.ready = Some(Box::pin(ready));
+        self
     }
 
     /// Tells `sink` of every request the authorization layer refuses.
@@ -182,10 +192,40 @@ impl BoundServer {
         )?;
 
         let (reporter, health) = tonic_health::server::health_reporter();
-        for name in &server.services {
-            reporter
-                .set_service_status(*name, ServingStatus::Serving)
-                .await;
+        let mut server = server;
+        match server.ready.take() {
+            None => {
+                for name in &server.services {
+                    reporter
+                        .set_service_status(*name, ServingStatus::Serving)
+                        .await;
+                }
+            }
+            Some(ready) => {
+                reporter
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                let (reporter, names, draining) = (
+                    reporter.clone(),
+                    server.services.clone(),
+                    server.draining.clone(),
+                );
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = ready => {}
+                        () = draining.cancelled() => return,
+                    }
+                    reporter
+                        .set_service_status("", ServingStatus::Serving)
+                        .await;
+                    for name in names {
+                        reporter
+                            .set_service_status(name, ServingStatus::Serving)
+                            .await;
+                    }
+                    tracing::info!("ready");
+                });
+            }
         }
         // Reflection lists exactly what this binary serves.
         let names: Vec<&str> = server
