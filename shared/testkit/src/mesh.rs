@@ -68,6 +68,16 @@ impl TestMesh {
         )?)
     }
 
+    /// A fresh SVID for `path` as PEM (chain, key), for clients in other
+    /// languages that read certificate files.
+    pub fn identity_pem(&self, path: &str) -> anyhow::Result<(String, String)> {
+        let svid = self.ca.issue(&self.id(path)?, &SvidOptions::default())?;
+        Ok((
+            format!("{}{}", svid.cert_pem, self.ca.cert_pem()),
+            svid.key_pem.clone(),
+        ))
+    }
+
     /// A channel to `service` as `who`, pinning the service's SPIFFE ID.
     pub fn channel(&self, service: &str, who: &Identity) -> anyhow::Result<MeshChannel> {
         let (_, bundle) = self.mesh.operator();
