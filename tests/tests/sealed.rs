@@ -2147,3 +2147,63 @@ async fn refused_writes_are_not_recorded_as_done() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A profile with a tool ACL gives a tool only its keys, a tool it does not
+/// list nothing, and a run naming no tool nothing; other profiles of the
+/// cascade are untouched by that ACL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_acl_limits_what_each_tool_receives() -> anyhow::Result<()> {
+    let mesh = TestMesh::start().await?;
+    let mut op = sealed_as(&mesh, OPERATOR)?;
+    let mut runner = sealed_as(&mesh, RUNNER)?;
+    op.create_profile(pb::CreateProfileRequest {
+        tenant: "acme".into(),
+        name: "tools".into(),
+        spec: Some(pb::ProfileSpec {
+            tool_acl: [(
+                "search".to_owned(),
+                pb::ToolKeys {
+                    keys: vec!["SEARCH_KEY".into()],
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..spec(&[])
+        }),
+    })
+    .await?;
+    put_value(&mut op, "acme", "tools", "SEARCH_KEY", "s-1").await?;
+    put_value(&mut op, "acme", "tools", "DB_PASSWORD", "d-1").await?;
+    create_profile(&mut op, "acme", "open", &[]).await?;
+    put_value(&mut op, "acme", "open", "OPEN_KEY", "o-1").await?;
+    let run = start_run(&mesh, "acme", "run-tools").await?;
+    let cascade = || pb::Cascade {
+        system: Some(level(Some(("acme", "tools")), vec![])),
+        agent: Some(level(Some(("acme", "open")), vec![])),
+        ..Default::default()
+    };
+    let keys_for = |tool: &str| pb::ResolveRequest {
+        tool: tool.into(),
+        ..resolve_request(&run, "acme", cascade())
+    };
+    let got = |r: &pb::ResolveResponse| {
+        let mut k: Vec<String> = r.secrets.iter().map(|s| s.key.clone()).collect();
+        k.sort();
+        k
+    };
+    let search = resolve(&mut runner, keys_for("search")).await?;
+    assert_eq!(got(&search), vec!["OPEN_KEY", "SEARCH_KEY"]);
+    let other = resolve(&mut runner, keys_for("shell")).await?;
+    assert_eq!(
+        got(&other),
+        vec!["OPEN_KEY"],
+        "an unlisted tool gets none of the ACL'd profile"
+    );
+    let none = resolve(&mut runner, keys_for("")).await?;
+    assert_eq!(
+        got(&none),
+        vec!["OPEN_KEY"],
+        "no tool gets none of the ACL'd profile"
+    );
+    Ok(())
+}

@@ -548,6 +548,15 @@ impl SealedVaultApi {
         caller: &Caller,
         r: pb::ResolveRequest,
     ) -> Result<pb::ResolveResponse, Error> {
+        if r.run_jwt_svid.len() > 8 * 1024 {
+            return Err(Error::invalid("run_jwt_svid", "at most 8 KiB"));
+        }
+        if r.agent.len() > 64 {
+            return Err(Error::invalid("agent", "at most 64 bytes"));
+        }
+        if r.keys.len() > 256 {
+            return Err(Error::invalid("keys", "at most 256"));
+        }
         let p = self.p();
         // 1. The run's token: signature, audience, expiry and revocation, checked
         //    against identity's keys and list. Without them there is no answer.
@@ -620,7 +629,9 @@ impl SealedVaultApi {
                         b.profile.name
                     )));
                 }
-                if !r.tool.is_empty() && !b.profile.spec.tool_acl.is_empty() {
+                // A profile with a tool ACL gives a tool only its keys, a tool
+                // not listed nothing, and a run naming no tool nothing.
+                if !b.profile.spec.tool_acl.is_empty() {
                     let allowed = b
                         .profile
                         .spec
