@@ -2207,3 +2207,103 @@ async fn a_tool_acl_limits_what_each_tool_receives() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A revocation cannot be sidestepped by pointing a cascade override at the
+/// revoked secret's backend path, and a profile's tool ACL applies to
+/// override references too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overrides_cannot_sidestep_revocations_or_tool_acls() -> anyhow::Result<()> {
+    let Some(bao_server) = OpenBao::start().await? else {
+        return Ok(());
+    };
+    let http = bulkhead_testkit::external::loopback_http_client()?;
+    let value = canary();
+    bao(
+        &http,
+        &bao_server,
+        "secret/data/acme/db",
+        json!({ "data": { "pass": value } }),
+    )
+    .await?;
+    let backends: toml::Table = toml::from_str(&format!(
+        r#"
+        [backends.vault]
+        address = "{vault}"
+        auth = {{ method = "token", token = "{token}" }}
+        tenants = {{ acme = ["secret/acme/"] }}
+        "#,
+        vault = bao_server.addr(),
+        token = bao_server.root_token(),
+    ))?;
+    let mesh = TestMesh::start_with(|spec| {
+        spec.extra.insert("sealed-vault".into(), backends);
+    })
+    .await?;
+    let mut op = sealed_as(&mesh, OPERATOR)?;
+    let mut runner = sealed_as(&mesh, RUNNER)?;
+    let reference = "vault://secret/acme/db#pass";
+    create_profile(&mut op, "acme", "base", &[]).await?;
+    put_reference(&mut op, "acme", "base", "DB_PASS", reference).await?;
+    let run = start_run(&mesh, "acme", "run-ovr").await?;
+    let via_override = || pb::Cascade {
+        run: Some(level(None, vec![("DB_PASS", self::reference(reference))])),
+        ..Default::default()
+    };
+    // Before the revocation, the override resolves (control).
+    let ok = resolve(&mut runner, resolve_request(&run, "acme", via_override())).await?;
+    assert_eq!(ok.secrets.len(), 1);
+    op.revoke_secret(pb::RevokeSecretRequest {
+        tenant: "acme".into(),
+        profile: "base".into(),
+        key: "DB_PASS".into(),
+        hard: false,
+        reason: "leaked".into(),
+    })
+    .await?;
+    let s = refused(
+        resolve(&mut runner, resolve_request(&run, "acme", via_override())).await,
+        Code::FailedPrecondition,
+        "an override naming a revoked secret's path",
+    );
+    assert!(!format!("{s:?}").contains(&value));
+
+    // A profile with a tool ACL: an override reference for a key the tool
+    // may not have is dropped like the profile's own keys.
+    op.create_profile(pb::CreateProfileRequest {
+        tenant: "acme".into(),
+        name: "acl".into(),
+        spec: Some(pb::ProfileSpec {
+            tool_acl: [(
+                "search".to_owned(),
+                pb::ToolKeys {
+                    keys: vec!["OTHER".into()],
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..spec(&[])
+        }),
+    })
+    .await?;
+    let acl_cascade = pb::Cascade {
+        system: Some(level(Some(("acme", "acl")), vec![])),
+        run: Some(level(
+            None,
+            vec![("SNEAKY", self::reference("vault://secret/acme/db#pass"))],
+        )),
+        ..Default::default()
+    };
+    let got = resolve(
+        &mut runner,
+        pb::ResolveRequest {
+            tool: "search".into(),
+            ..resolve_request(&run, "acme", acl_cascade)
+        },
+    )
+    .await?;
+    assert!(
+        got.secrets.iter().all(|s| s.key != "SNEAKY"),
+        "the ACL does not give 'search' the override's key"
+    );
+    Ok(())
+}

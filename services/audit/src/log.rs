@@ -89,26 +89,43 @@ impl Log {
             }
             for (seq, h) in chunk {
                 if seq != tree.size() + 1 {
-                    // A gap: the log was tampered with. Serve what is there;
-                    // Verify reports the first bad sequence.
+                    // A gap: rows were deleted. Appending on top would reuse
+                    // sequences; refuse to serve a log that is not whole.
                     tracing::error!(
                         expected = tree.size() + 1,
                         found = seq,
-                        "audit log has a sequence gap"
+                        "audit log has a sequence gap; refusing to open it"
                     );
+                    return Err(StoreError::Corrupt(tree.size() + 1));
                 }
                 tree.push(h);
             }
         }
+        // The stored log must still produce its latest signed head; a log
+        // rewritten (or cut short) while the service was down is not served,
+        // and so never signed over.
         let head = store.latest_head().await?;
-        if let Some(h) = &head
-            && h.tree_size > tree.size()
-        {
-            tracing::error!(
-                signed = h.tree_size,
-                stored = tree.size(),
-                "audit log is shorter than its signed head"
-            );
+        if let Some(h) = &head {
+            if h.tree_size > tree.size() {
+                tracing::error!(
+                    signed = h.tree_size,
+                    stored = tree.size(),
+                    "audit log is shorter than its signed head; refusing to open it"
+                );
+                return Err(StoreError::Corrupt(tree.size() + 1));
+            }
+            let root_ok = tree.root_at(h.tree_size).is_ok_and(|r| r == h.root);
+            let signed_by_us = h.key_id == signer.key_id();
+            if !root_ok || (signed_by_us && !h.verify(&signer.public())) {
+                tracing::error!(
+                    tree_size = h.tree_size,
+                    "audit log no longer produces its signed head; refusing to open it"
+                );
+                return Err(StoreError::Corrupt(h.tree_size));
+            }
+            if !signed_by_us {
+                tracing::warn!(key_id = %h.key_id, "the latest head was signed by another key");
+            }
         }
         tracing::info!(size = tree.size(), "audit log opened");
         let state = Arc::new(RwLock::new(State { tree, head }));

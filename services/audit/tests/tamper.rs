@@ -138,16 +138,31 @@ async fn a_rewritten_row_and_leaf_hash_break_the_signed_root() {
         "{r:?}"
     );
 
-    // A restarted service rebuilds its tree from the rewritten rows; a
-    // consistency proof from the honest head at 20 to the signed head at 40
-    // no longer verifies against the tampered tree.
+    // A restarted service refuses the rewritten log rather than serve (and
+    // sign over) it; and a consistency proof from the honest head at 20 to the
+    // signed head at 40 does not verify against the rewritten tree.
     drop(log);
-    let (log2, _stop2, _) = f.open().await;
-    let h20 = log2.store().head_at(20).await.expect("head").expect("h20");
-    let h40 = log2.store().head_at(40).await.expect("head").expect("h40");
-    let tampered_root = log2.root_at(40).expect("root");
-    assert_ne!(tampered_root, h40.root);
-    let proof = log2.consistency_proof(20, 40).expect("proof");
+    let raw = SqliteStore::open(&f.db).await.expect("store");
+    let store: Arc<dyn AuditStore> = Arc::new(raw);
+    let reopened = Log::open(
+        store.clone(),
+        Signer::load_or_create(&f.key).expect("key"),
+        LogConfig::default(),
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        reopened.is_err(),
+        "a log that no longer produces its signed head is not served"
+    );
+    let mut tree = merkle::Tree::new();
+    for (_, h) in store.leaf_hashes(0, 100).await.expect("hashes") {
+        tree.push(h);
+    }
+    let h20 = store.head_at(20).await.expect("head").expect("h20");
+    let h40 = store.head_at(40).await.expect("head").expect("h40");
+    assert_ne!(tree.root_at(40).expect("root"), h40.root);
+    let proof = tree.consistency_proof(20, 40).expect("proof");
     assert!(merkle::verify_consistency(20, 40, &h20.root, &h40.root, &proof).is_err());
 }
 

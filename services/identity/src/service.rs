@@ -1103,7 +1103,8 @@ impl IdentityService for IdentityApi {
                 )
             }
             Some(T::Serial(s)) => {
-                let s = s.to_ascii_lowercase();
+                // Canonical: lowercase, no leading zeros (as the verifier compares).
+                let s = s.to_ascii_lowercase().trim_start_matches('0').to_owned();
                 if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(Error::invalid("serial", "lowercase hex, at most 64 digits").into());
                 }
@@ -1181,14 +1182,16 @@ impl IdentityService for IdentityApi {
             let mut sent = match resumed {
                 Some(changes) => {
                     let seq = changes.last().map_or(from, change_sequence);
-                    if !changes.is_empty()
-                        && !send(pb::WatchRevocationsResponse {
-                            sequence: seq,
-                            update: Some(pb::watch_revocations_response::Update::Delta(
-                                list_delta(&changes),
-                            )),
-                        })
-                        .await
+                    // Sent even when empty: a resumed watcher learns it is
+                    // current (and marks itself synced) without waiting for
+                    // the next revocation.
+                    if !send(pb::WatchRevocationsResponse {
+                        sequence: seq,
+                        update: Some(pb::watch_revocations_response::Update::Delta(list_delta(
+                            &changes,
+                        ))),
+                    })
+                    .await
                     {
                         return;
                     }

@@ -5,7 +5,7 @@
 //! (operators, audited, rate-limited). Every action is recorded in audit
 //! before it takes effect; when audit cannot record it, nothing happens.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -645,6 +645,44 @@ impl SealedVaultApi {
                 }
             }
         }
+        // Override references obey the cascade's tool ACLs too, and may not
+        // name the backend path of a revoked secret (a revocation cannot be
+        // sidestepped by pointing an override at the same value).
+        let acls: Vec<&BTreeMap<String, Vec<String>>> = levels
+            .iter()
+            .filter_map(|l| l.profile.as_ref())
+            .map(|b| &b.profile.spec.tool_acl)
+            .filter(|acl| !acl.is_empty())
+            .collect();
+        if !acls.is_empty() {
+            let allowed: HashSet<&String> = acls
+                .iter()
+                .filter_map(|acl| acl.get(&r.tool))
+                .flatten()
+                .collect();
+            chosen
+                .retain(|e| !matches!(e.source, Source::Reference(_)) || allowed.contains(&e.key));
+        }
+        let override_refs: Vec<String> = chosen
+            .iter()
+            .filter_map(|e| match &e.source {
+                Source::Reference(rf) => Some(rf.clone()),
+                _ => None,
+            })
+            .collect();
+        if !override_refs.is_empty() {
+            let revoked = self.revoked_references(&r.tenant).await?;
+            for rf in &override_refs {
+                let canonical = Reference::parse(rf)
+                    .map_err(|e| Error::invalid("reference", e))?
+                    .to_string();
+                if revoked.contains(&canonical) {
+                    return Err(Error::FailedPrecondition(
+                        "an override names a revoked secret".into(),
+                    ));
+                }
+            }
+        }
         // 4. Revoked keys are refused, soft or hard.
         if let Some(e) = chosen
             .iter()
@@ -757,6 +795,48 @@ impl SealedVaultApi {
             run_id,
             audit_sequence: seq,
         })
+    }
+
+    /// The backend references of every secret of `tenant` under a
+    /// revocation in force.
+    async fn revoked_references(&self, tenant: &str) -> Result<HashSet<String>, Error> {
+        let store = &self.p().store;
+        let revocations = store
+            .list_revocations(
+                Tenants::One(tenant),
+                &RevocationQuery {
+                    profile: None,
+                    include_lifted: false,
+                    before: None,
+                    limit: 10_000,
+                },
+            )
+            .await
+            .map_err(store_err)?;
+        let mut out = HashSet::new();
+        for rev in revocations.iter().filter(|r| r.lifted.is_none()) {
+            let materials: Vec<SecretMaterial> = match &rev.key {
+                Some(k) => store
+                    .get_secret(tenant, &rev.profile, k, None)
+                    .await
+                    .map_err(store_err)?
+                    .map(|v| v.material)
+                    .into_iter()
+                    .collect(),
+                None => store
+                    .load_profile(tenant, &rev.profile)
+                    .await
+                    .map_err(store_err)?
+                    .map(|b| b.secrets.into_iter().map(|v| v.material).collect())
+                    .unwrap_or_default(),
+            };
+            for m in materials {
+                if let SecretMaterial::Reference(r) = m {
+                    out.insert(r);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn deny_audit(&self, caller: &Caller, tenant: &str, run: &str, why: &str) {

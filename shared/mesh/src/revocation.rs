@@ -89,7 +89,9 @@ pub struct RevocationList {
 fn matcher(r: &pb::Revocation) -> Option<Matcher> {
     use pb::revocation::Target;
     match r.target.as_ref()? {
-        Target::Serial(s) => Some(Matcher::Serial(s.to_ascii_lowercase())),
+        Target::Serial(s) => Some(Matcher::Serial(
+            s.to_ascii_lowercase().trim_start_matches('0').to_owned(),
+        )),
         Target::WholeTenant(true) => Some(Matcher::Prefix(r.spiffe_id.clone())),
         Target::WholeTenant(false) => None,
         Target::RunId(_) | Target::WorkerId(_) => Some(Matcher::Id(r.spiffe_id.clone())),
@@ -170,8 +172,7 @@ impl RevocationCheck for RevocationList {
             && !e.serials.is_empty()
         {
             let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
-            let trimmed = hex.trim_start_matches('0');
-            return e.serials.contains_key(&hex) || e.serials.contains_key(trimmed);
+            return e.serials.contains_key(hex.trim_start_matches('0'));
         }
         false
     }
@@ -292,7 +293,7 @@ mod tests {
         l.apply_delta(
             4,
             &pb::RevocationDelta {
-                added: vec![rev(3, Target::Serial("0A1b".into()), "")],
+                added: vec![rev(3, Target::Serial("000A1b".into()), "")],
                 removed: vec![1],
             },
         );
