@@ -341,3 +341,101 @@ fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     }
     Ok(out)
 }
+
+fn serial_hex(who: &bulkhead_mesh::tls::Identity) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(&who.chain()[0]).expect("cert");
+    cert.raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn revoke_serial(mesh: &TestMesh, serial: &str) -> anyhow::Result<()> {
+    use bulkhead_proto::identity::v1 as idpb;
+    let mut identity = idpb::identity_service_client::IdentityServiceClient::new(
+        mesh.channel("identity", &mesh.identity("admin/operator")?)?,
+    );
+    identity
+        .revoke(idpb::RevokeRequest {
+            tenant: String::new(),
+            target: Some(idpb::revoke_request::Target::Serial(serial.to_owned())),
+            reason: "test".into(),
+            hard: true,
+        })
+        .await?;
+    Ok(())
+}
+
+/// A stream opened before its caller was revoked does not outlive the
+/// revocation: a revoked tenant client's live Tail ends with UNAUTHENTICATED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_callers_open_tail_ends() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt;
+    let mesh = TestMesh::start().await?;
+    // Warm-up: audit follows identity's revocation list (a revoked
+    // certificate is refused there) before the clock matters.
+    let dummy = mesh.identity("tenant/acme/client/dummy")?;
+    revoke_serial(&mesh, &serial_hex(&dummy)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = AuditServiceClient::new(mesh.channel("audit", &dummy)?);
+        if c.get_checkpoint(pb::GetCheckpointRequest::default())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "audit never applied a revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let who = mesh.identity("tenant/acme/client/tail")?;
+    let mut tailer = AuditServiceClient::new(mesh.channel("audit", &who)?);
+    let mut tail = tailer
+        .tail(pb::TailRequest {
+            tenant: "acme".into(),
+            from_sequence: 0,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut sealed = client(&mesh, "service/sealed-vault")?;
+    append(
+        &mut sealed,
+        vec![event("sealed.secret.written", "acme", "", &[])],
+    )
+    .await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), tail.next())
+        .await?
+        .expect("item")?;
+    assert_eq!(
+        first.event.expect("event").tenant,
+        "acme",
+        "the stream is live"
+    );
+
+    revoke_serial(&mesh, &serial_hex(&who)).await?;
+    let revoked_at = tokio::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tail.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await?;
+    let status = end.expect("the stream ends with a status, not silently");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(2),
+        "the stream ended {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    Ok(())
+}

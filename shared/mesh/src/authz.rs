@@ -374,11 +374,96 @@ where
                 req = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
             }
             req.extensions_mut().insert(Caller {
-                id: caller,
+                id: caller.clone(),
                 not_after,
             });
-            inner.call(req).await
+            // A response stream outlives the request's check: it ends when
+            // its caller is revoked (tails, watches, claim streams).
+            let resp = inner.call(req).await?;
+            Ok(resp.map(|body| Body::new(RevocableBody::new(body, caller, serial, revocations))))
         })
+    }
+}
+
+/// How often an open response stream re-checks its caller's revocation.
+const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+pin_project_lite::pin_project! {
+    /// A response body that ends with UNAUTHENTICATED once its caller is revoked.
+    struct RevocableBody {
+        #[pin]
+        inner: Body,
+        id: SpiffeId,
+        serial: Option<Vec<u8>>,
+        check: Arc<dyn RevocationCheck>,
+        tick: Pin<Box<tokio::time::Sleep>>,
+        done: bool,
+    }
+}
+
+impl RevocableBody {
+    fn new(
+        inner: Body,
+        id: SpiffeId,
+        serial: Option<Vec<u8>>,
+        check: Arc<dyn RevocationCheck>,
+    ) -> Self {
+        Self {
+            inner,
+            id,
+            serial,
+            check,
+            tick: Box::pin(tokio::time::sleep(STREAM_RECHECK)),
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for RevocableBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if this.tick.as_mut().poll(cx).is_ready() {
+            if this.check.revoked(this.id, this.serial.as_deref()) {
+                *this.done = true;
+                tracing::info!(caller = %this.id, "revoked caller's stream ended");
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("16"));
+                trailers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static("certificate%20revoked"),
+                );
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            this.tick
+                .as_mut()
+                .reset(tokio::time::Instant::now() + STREAM_RECHECK);
+            // Registers the waker for the next check.
+            let _ = this.tick.as_mut().poll(cx);
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(None) => {
+                *this.done = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
