@@ -1347,22 +1347,31 @@ impl SealedVaultService for SealedVaultApi {
         // A hard revocation reaches the sandbox-runners through identity's
         // revocation stream: each run holding the secret is revoked there.
         if r.hard {
+            // Every affected run is attempted, even after one fails: stopping
+            // at the first failure would leave the later runs alive.
             let mut identity = self.p().identity.clone();
+            let mut failed = Vec::new();
             for run in &affected {
-                identity
+                let result = identity
                     .revoke(idpb::RevokeRequest {
                         tenant: r.tenant.clone(),
                         target: Some(idpb::revoke_request::Target::RunId(run.clone())),
                         reason: format!("secret revoked: {}", r.reason),
                         hard: true,
                     })
-                    .await
-                    .map_err(|s| {
-                        Error::unavailable(
-                            "identity",
-                            std::io::Error::other(format!("revoking run {run}: {}", s.message())),
-                        )
-                    })?;
+                    .await;
+                if let Err(status) = result {
+                    tracing::error!(run = %run, code = ?status.code(), "could not revoke a run holding a hard-revoked secret");
+                    failed.push(run.clone());
+                }
+            }
+            if !failed.is_empty() {
+                // The revocation itself is recorded; retrying revokes the rest.
+                return Err(Error::unavailable(
+                    "identity",
+                    std::io::Error::other(format!("could not revoke runs {}", failed.join(","))),
+                )
+                .into());
             }
         }
         Ok(Response::new(pb::RevokeSecretResponse {
