@@ -48,6 +48,19 @@ enum Command {
     /// Secrets in sealed-vault: put (from stdin or a file), reveal, revoke.
     #[command(subcommand)]
     Secret(bulkhead_cli::sealed::SecretCommand),
+    /// The agent registry: submit, approve (another operator), reject, list.
+    #[command(subcommand)]
+    Agent(bulkhead_cli::fleet::AgentCommand),
+    /// The task queue: enqueue (payload from a file or stdin), get, list,
+    /// cancel, watch.
+    #[command(subcommand)]
+    Task(bulkhead_cli::fleet::TaskCommand),
+    /// Registered workers.
+    #[command(subcommand)]
+    Worker(bulkhead_cli::fleet::WorkerCommand),
+    /// Resets a tenant's workers or a pool.
+    #[command(subcommand)]
+    Pool(bulkhead_cli::fleet::PoolCommand),
     /// Checks gRPC health of every service of a running mesh.
     Health {
         #[arg(long, env = "BULKHEAD_DIR", value_name = "DIR")]
@@ -68,6 +81,10 @@ fn main() -> anyhow::Result<()> {
             Command::Identity(cmd) => bulkhead_cli::identity::run(cmd).await,
             Command::Profile(cmd) => bulkhead_cli::sealed::run_profile(cmd).await,
             Command::Secret(cmd) => bulkhead_cli::sealed::run_secret(cmd).await,
+            Command::Agent(cmd) => bulkhead_cli::fleet::run_agent(cmd).await,
+            Command::Task(cmd) => bulkhead_cli::fleet::run_task(cmd).await,
+            Command::Worker(cmd) => bulkhead_cli::fleet::run_worker(cmd).await,
+            Command::Pool(cmd) => bulkhead_cli::fleet::run_pool(cmd).await,
         }
     })
 }
