@@ -1,6 +1,8 @@
-//! The dispatcher service's configuration: the mesh's common part (listen
-//! address, TLS files, data directory, telemetry, peers). Defaults < file <
+//! The dispatcher service's configuration. Defaults < file <
 //! `BULKHEAD_DISPATCHER__*` env < flags.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bulkhead_mesh::config::MeshConfig;
 use serde::{Deserialize, Serialize};
@@ -12,12 +14,86 @@ pub const DEFAULT_PORT: u16 = 7403;
 pub struct Config {
     #[serde(flatten)]
     pub mesh: MeshConfig,
+    /// `sqlite://PATH` or `postgres://...`; empty: `sqlite://<data_dir>/dispatcher.db`.
+    /// Several replicas may share one PostgreSQL database, never one SQLite file.
+    pub store: String,
+    /// `redis://host:port` for wake-ups across replicas; empty: none (one
+    /// replica, or polling only). Losing Redis degrades to polling.
+    pub redis: String,
+    pub fleet: FleetConfig,
+}
+
+/// Leases, bounds, fairness and polling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetConfig {
+    /// How long a lease lasts without a heartbeat, milliseconds; an
+    /// assignment must be accepted within it too.
+    pub lease_ms: u64,
+    /// How often workers are told to heartbeat, milliseconds (about a third
+    /// of the lease).
+    pub heartbeat_ms: u64,
+    /// How often leases are checked for lapses, milliseconds.
+    pub reaper_ms: u64,
+    /// How often the queue is polled while Redis carries wake-ups.
+    pub poll_ms: u64,
+    /// How often the queue is polled without Redis (none configured, or down).
+    pub fallback_poll_ms: u64,
+    /// Largest task payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Tenants' (and pools', as `pool/<name>`) shares of dispatch capacity;
+    /// those not listed get `default_weight`.
+    pub weights: BTreeMap<String, u32>,
+    pub default_weight: u32,
+    /// Assignments one scope may be handed per round per unit of weight.
+    pub quantum: u32,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            lease_ms: 30_000,
+            heartbeat_ms: 10_000,
+            reaper_ms: 1_000,
+            poll_ms: 2_000,
+            fallback_poll_ms: 200,
+            max_payload_bytes: 1 << 20,
+            weights: BTreeMap::new(),
+            default_weight: 1,
+            quantum: 16,
+        }
+    }
+}
+
+impl FleetConfig {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             mesh: MeshConfig::with_port(DEFAULT_PORT),
+            store: String::new(),
+            redis: String::new(),
+            fleet: FleetConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn store_url(&self) -> String {
+        if self.store.is_empty() {
+            format!(
+                "sqlite://{}",
+                self.mesh.data_dir.join("dispatcher.db").display()
+            )
+        } else {
+            self.store.clone()
         }
     }
 }

@@ -1,9 +1,17 @@
 //! bulkhead-dispatcher: tenant-scoped fleet dispatch over streaming claims.
 
-use anyhow::Context;
-use bulkhead_dispatcher::{config::Config, service};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bulkhead_dispatcher::engine::{Engine, Parts};
+use bulkhead_dispatcher::wake::Wake;
+use bulkhead_dispatcher::{config::Config, service, store};
+use bulkhead_mesh::audit::AuditClient;
 use bulkhead_mesh::config::CommonFlags;
 use bulkhead_mesh::server::MeshServer;
+use bulkhead_mesh::tls::ExpectServer;
+use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceClient;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -32,13 +40,72 @@ async fn main() -> anyhow::Result<()> {
         .tls
         .load()
         .context("failed to load the tls files")?;
+    let peers = &config.mesh.peers;
+    let Some(audit_addr) = &peers.audit else {
+        bail!("peers.audit is required: every dispatch event is recorded before it happens");
+    };
+    let Some(identity_addr) = &peers.identity else {
+        bail!("peers.identity is required: it signs every run's identity");
+    };
+    let audit = AuditClient::new(bulkhead_mesh::client::channel(
+        audit_addr,
+        Some(&identity),
+        &bundle,
+        ExpectServer::Service("audit".into()),
+    )?);
+    let identity_client = IdentityServiceClient::new(bulkhead_mesh::client::channel(
+        identity_addr,
+        Some(&identity),
+        &bundle,
+        ExpectServer::Service("identity".into()),
+    )?);
+    let sealed = match &peers.sealed_vault {
+        Some(addr) => Some(SealedVaultServiceClient::new(
+            bulkhead_mesh::client::channel(
+                addr,
+                Some(&identity),
+                &bundle,
+                ExpectServer::Service("sealed-vault".into()),
+            )?,
+        )),
+        None => {
+            tracing::warn!("no sealed-vault peer: tasks that carry a cascade will be refused");
+            None
+        }
+    };
+    let store = store::open(&config.store_url())
+        .await
+        .context("failed to open the dispatcher store")?;
+    let wake = if config.redis.is_empty() {
+        Wake::none()
+    } else {
+        Wake::redis(&config.redis).context("invalid redis url")?
+    };
+
     let stop = CancellationToken::new();
     // Identity's revocation list, enforced at every handshake and request.
     let revoked =
         bulkhead_mesh::service::follow_revocations(&config.mesh, &identity, &bundle, stop.clone())?;
-    let bound = MeshServer::new("dispatcher", identity, bundle)
+    let server = MeshServer::new("dispatcher", identity, bundle);
+    let denials = Arc::new(service::AuditDenials::new(audit.clone()));
+    let engine = Engine::start(
+        Parts {
+            store: Arc::clone(&store),
+            audit,
+            identity: identity_client,
+            fleet: config.fleet.clone(),
+            wake,
+            draining: server.draining(),
+        },
+        stop.clone(),
+    );
+    let bound = server
         .revocations(revoked)
-        .add_service(service::server(service::DispatcherApi), service::POLICY)
+        .denials(denials)
+        .add_service(
+            service::server(service::DispatcherApi::new(engine, sealed)),
+            service::POLICY,
+        )
         .bind(config.mesh.listen)
         .await?;
     let served = bulkhead_mesh::service::serve(bound, flags.common.addr_file).await;

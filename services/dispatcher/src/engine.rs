@@ -1,0 +1,1101 @@
+//! The dispatch engine: connected workers and their credits, the scheduler that
+//! hands queued tasks to them (fair across tenants by weight), leases, and the
+//! wake-ups that tell it where work appeared.
+//!
+//! The scheduler is one loop per replica. Scopes (tenants and pools) with
+//! work and credited workers wait in a round-robin list; each turn, a scope is
+//! handed at most `weight × quantum` tasks, then goes to the back of the list
+//! if it could take more. A tenant with a backlog of 100,000 tasks therefore
+//! waits its turn like everyone else: another tenant's first task is handed
+//! out within one round. Correctness does not rest on this loop: every claim
+//! is a conditional update in the store with the scope in its WHERE clause.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead_mesh::audit::{AuditClient, event};
+use bulkhead_mesh::client::MeshChannel;
+use bulkhead_mesh::error::Error;
+use bulkhead_proto::audit::v1::Outcome as AuditOutcome;
+use bulkhead_proto::dispatcher::v1 as pb;
+use bulkhead_proto::identity::v1 as idpb;
+use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::config::FleetConfig;
+use crate::convert;
+use crate::model::{AgentRow, Labels, Outcome, Scope, TaskRow, TaskStatus, now_ms};
+use crate::store::{ClaimBatch, DispatchStore, Released};
+use crate::wake::Wake;
+
+/// What the engine sends down a claim stream.
+pub type ClaimTx = mpsc::Sender<Result<pb::ClaimResponse, Status>>;
+
+/// Messages buffered per claim stream before the scheduler skips a worker.
+pub const STREAM_BUFFER: usize = 256;
+
+/// One worker's open claim stream on this replica.
+#[derive(Debug)]
+struct Conn {
+    /// Tells a replaced stream from its successor.
+    generation: u64,
+    scope: Scope,
+    labels: Labels,
+    max_runs: u32,
+    credits: u32,
+    /// Its last claim found nothing that matches it; skipped until the next
+    /// wake-up of its scope.
+    starved: bool,
+    draining: bool,
+    /// Leases listed in its last heartbeat.
+    held: u32,
+    tx: ClaimTx,
+}
+
+#[derive(Debug, Default)]
+struct Conns {
+    by_worker: HashMap<String, Conn>,
+    by_scope: HashMap<Scope, HashSet<String>>,
+    next_generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Rounds {
+    active: VecDeque<Scope>,
+    queued: HashSet<Scope>,
+}
+
+/// The caller of a worker RPC, from its SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerIdent {
+    pub worker_id: String,
+    pub spiffe_id: String,
+    pub scope: Scope,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn DispatchStore>,
+    audit: AuditClient,
+    identity: IdentityServiceClient<MeshChannel>,
+    fleet: FleetConfig,
+    conns: Mutex<Conns>,
+    rounds: Mutex<Rounds>,
+    work: Notify,
+    agents: Mutex<HashMap<(String, String), AgentRow>>,
+    changes: broadcast::Sender<String>,
+    wake: Wake,
+    draining: CancellationToken,
+}
+
+/// The engine, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub struct Parts {
+    pub store: Arc<dyn DispatchStore>,
+    pub audit: AuditClient,
+    pub identity: IdentityServiceClient<MeshChannel>,
+    pub fleet: FleetConfig,
+    pub wake: Wake,
+    /// Cancelled when the server starts draining: every stream gets a drain.
+    pub draining: CancellationToken,
+}
+
+impl Engine {
+    /// Builds the engine and starts its loops (scheduler, reaper, poller,
+    /// wake-up listener), which end with `stop`.
+    pub fn start(parts: Parts, stop: CancellationToken) -> Engine {
+        let (changes, _) = broadcast::channel(4096);
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store: parts.store,
+                audit: parts.audit,
+                identity: parts.identity,
+                fleet: parts.fleet,
+                conns: Mutex::new(Conns::default()),
+                rounds: Mutex::new(Rounds::default()),
+                work: Notify::new(),
+                agents: Mutex::new(HashMap::new()),
+                changes,
+                wake: parts.wake,
+                draining: parts.draining,
+            }),
+        };
+        tokio::spawn(engine.clone().schedule(stop.clone()));
+        tokio::spawn(engine.clone().reap(stop.clone()));
+        tokio::spawn(engine.clone().poll(stop.clone()));
+        tokio::spawn(engine.clone().listen(stop.clone()));
+        tokio::spawn(engine.clone().drain_on_shutdown(stop));
+        engine
+    }
+
+    pub fn store(&self) -> &Arc<dyn DispatchStore> {
+        &self.inner.store
+    }
+
+    pub fn audit(&self) -> &AuditClient {
+        &self.inner.audit
+    }
+
+    pub fn fleet(&self) -> &FleetConfig {
+        &self.inner.fleet
+    }
+
+    /// Task ids whose state changed on this replica (WatchTask also polls,
+    /// for changes made on other replicas).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<String> {
+        self.inner.changes.subscribe()
+    }
+
+    fn changed(&self, task_id: &str) {
+        let _ = self.inner.changes.send(task_id.to_owned());
+    }
+
+    /// Tells local watchers that a task changed.
+    pub fn notify_changed(&self, task_id: &str) {
+        self.changed(task_id);
+    }
+
+    /// How many leases the worker listed in its last heartbeat here.
+    pub fn held(&self, worker_id: &str) -> u32 {
+        lock(&self.inner.conns)
+            .by_worker
+            .get(worker_id)
+            .map_or(0, |c| c.held)
+    }
+
+    /// Ends a stream of this generation with an error status.
+    pub fn fail_stream(&self, worker_id: &str, generation: u64, status: Status) {
+        let tx = lock(&self.inner.conns)
+            .by_worker
+            .get(worker_id)
+            .filter(|c| c.generation == generation)
+            .map(|c| c.tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx.try_send(Err(status));
+        }
+    }
+
+    /// Tells the worker holding a lease to stop it, here or on the replica
+    /// that holds its stream.
+    pub fn cancel_lease(&self, task: &TaskRow, reason: pb::CancelReason, why: &str) {
+        let cancel = cancel_msg(&task.task_id, task.attempt, task.lease_epoch, reason, why);
+        if !self.send_to(&task.worker_id, cancel) {
+            self.inner
+                .wake
+                .publish_cancel(&task.worker_id, &task.task_id, task.lease_epoch);
+        }
+    }
+
+    /// Evicts a worker here and on every other replica.
+    pub fn evict_everywhere(&self, worker_id: &str, why: &str) {
+        self.evict_local(worker_id, why);
+        self.inner.wake.publish_evict(worker_id);
+    }
+
+    // ---- wake-ups -----------------------------------------------------------
+
+    /// Work may have appeared in `scope`: here, and on every replica.
+    pub fn announce(&self, scope: &Scope) {
+        self.wake_local(scope);
+        self.inner.wake.publish_scope(scope);
+    }
+
+    /// Work may have appeared in `scope`: try its workers again.
+    pub fn wake_local(&self, scope: &Scope) {
+        let ready = {
+            let mut conns = lock(&self.inner.conns);
+            let Conns {
+                by_worker,
+                by_scope,
+                ..
+            } = &mut *conns;
+            let mut ready = false;
+            for id in by_scope.get(scope).into_iter().flatten() {
+                if let Some(c) = by_worker.get_mut(id) {
+                    c.starved = false;
+                    ready |= c.credits > 0 && !c.draining;
+                }
+            }
+            ready
+        };
+        if ready {
+            self.activate(scope);
+        }
+    }
+
+    fn activate(&self, scope: &Scope) {
+        let mut rounds = lock(&self.inner.rounds);
+        if rounds.queued.insert(scope.clone()) {
+            rounds.active.push_back(scope.clone());
+            drop(rounds);
+            self.inner.work.notify_one();
+        }
+    }
+
+    /// Handles a message another replica published.
+    pub fn on_remote(&self, msg: crate::wake::Message) {
+        use crate::wake::Message;
+        match msg {
+            Message::Scope(scope) => self.wake_local(&scope),
+            Message::Cancel {
+                worker_id,
+                task_id,
+                lease_epoch,
+            } => {
+                let cancel = cancel_msg(
+                    &task_id,
+                    0,
+                    lease_epoch,
+                    pb::CancelReason::Requested,
+                    "the task was cancelled",
+                );
+                self.send_to(&worker_id, cancel);
+            }
+            Message::Evict { worker_id } => self.evict_local(&worker_id, "the worker was evicted"),
+        }
+    }
+
+    // ---- claim streams ------------------------------------------------------
+
+    /// Opens a claim stream for a registered worker, replacing its previous
+    /// one on this replica. Returns the generation and the receiver the
+    /// response stream reads.
+    pub fn open_stream(
+        &self,
+        who: &WorkerIdent,
+        labels: Labels,
+        max_runs: u32,
+    ) -> (u64, mpsc::Receiver<Result<pb::ClaimResponse, Status>>) {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut conns = lock(&self.inner.conns);
+        conns.next_generation += 1;
+        let generation = conns.next_generation;
+        if let Some(old) = conns.by_worker.remove(&who.worker_id) {
+            let _ = old.tx.try_send(Err(Status::aborted(
+                "replaced by a newer claim stream of the same worker",
+            )));
+        }
+        conns.by_worker.insert(
+            who.worker_id.clone(),
+            Conn {
+                generation,
+                scope: who.scope.clone(),
+                labels,
+                max_runs,
+                credits: 0,
+                starved: false,
+                draining: self.inner.draining.is_cancelled(),
+                held: 0,
+                tx,
+            },
+        );
+        conns
+            .by_scope
+            .entry(who.scope.clone())
+            .or_default()
+            .insert(who.worker_id.clone());
+        (generation, rx)
+    }
+
+    /// The stream of this generation ended.
+    pub fn close_stream(&self, worker_id: &str, generation: u64) -> bool {
+        let mut conns = lock(&self.inner.conns);
+        let current = conns
+            .by_worker
+            .get(worker_id)
+            .is_some_and(|c| c.generation == generation);
+        if current
+            && let Some(c) = conns.by_worker.remove(worker_id)
+            && let Some(set) = conns.by_scope.get_mut(&c.scope)
+        {
+            set.remove(worker_id);
+            if set.is_empty() {
+                conns.by_scope.remove(&c.scope);
+            }
+        }
+        current
+    }
+
+    /// Whether the worker has a claim stream open on this replica.
+    pub fn is_connected(&self, worker_id: &str) -> bool {
+        lock(&self.inner.conns).by_worker.contains_key(worker_id)
+    }
+
+    /// A re-registration changed the worker's labels or capacity.
+    pub fn update_worker(&self, worker_id: &str, labels: &Labels, max_runs: u32) {
+        let mut conns = lock(&self.inner.conns);
+        if let Some(c) = conns.by_worker.get_mut(worker_id) {
+            c.labels = labels.clone();
+            c.max_runs = max_runs;
+            c.credits = c.credits.min(max_runs);
+            c.starved = false;
+        }
+    }
+
+    /// More free slots; the total is capped at the worker's maximum.
+    pub fn add_credits(&self, worker_id: &str, slots: u32) {
+        let scope = {
+            let mut conns = lock(&self.inner.conns);
+            let Some(c) = conns.by_worker.get_mut(worker_id) else {
+                return;
+            };
+            c.credits = c.credits.saturating_add(slots).min(c.max_runs);
+            c.starved = false;
+            (c.credits > 0 && !c.draining).then(|| c.scope.clone())
+        };
+        if let Some(scope) = scope {
+            self.activate(&scope);
+        }
+    }
+
+    /// Sends a message down a worker's stream, if it is open here.
+    pub fn send_to(&self, worker_id: &str, msg: pb::ClaimResponse) -> bool {
+        let tx = lock(&self.inner.conns)
+            .by_worker
+            .get(worker_id)
+            .map(|c| c.tx.clone());
+        tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok())
+    }
+
+    /// Drains and closes a worker's stream here (a pool reset), ending it with
+    /// FAILED_PRECONDITION.
+    pub fn evict_local(&self, worker_id: &str, why: &str) {
+        let conn = {
+            let mut conns = lock(&self.inner.conns);
+            let c = conns.by_worker.remove(worker_id);
+            if let Some(c) = &c
+                && let Some(set) = conns.by_scope.get_mut(&c.scope)
+            {
+                set.remove(worker_id);
+            }
+            c
+        };
+        if let Some(c) = conns_drop(conn) {
+            let _ = c.try_send(Ok(pb::ClaimResponse {
+                body: Some(pb::claim_response::Body::Drain(pb::ClaimDrain {
+                    reason: why.to_owned(),
+                    deadline: Some(convert::ts(now_ms())),
+                })),
+            }));
+            let _ = c.try_send(Err(Status::failed_precondition(format!(
+                "evicted: {why}; register again"
+            ))));
+        }
+    }
+
+    /// Stops offering work to these workers here (a pool reset in progress).
+    pub fn drain_local(&self, worker_ids: &[String], why: &str) {
+        let txs: Vec<ClaimTx> = {
+            let mut conns = lock(&self.inner.conns);
+            let mut txs = Vec::new();
+            for id in worker_ids {
+                if let Some(c) = conns.by_worker.get_mut(id) {
+                    c.draining = true;
+                    txs.push(c.tx.clone());
+                }
+            }
+            txs
+        };
+        for tx in txs {
+            let _ = tx.try_send(Ok(pb::ClaimResponse {
+                body: Some(pb::claim_response::Body::Drain(pb::ClaimDrain {
+                    reason: why.to_owned(),
+                    deadline: Some(convert::ts(now_ms())),
+                })),
+            }));
+        }
+    }
+
+    async fn drain_on_shutdown(self, stop: CancellationToken) {
+        tokio::select! {
+            () = self.inner.draining.cancelled() => {}
+            () = stop.cancelled() => return,
+        }
+        let ids: Vec<String> = lock(&self.inner.conns).by_worker.keys().cloned().collect();
+        self.drain_local(&ids, "the dispatcher is shutting down");
+    }
+
+    // ---- the scheduler ------------------------------------------------------
+
+    async fn schedule(self, stop: CancellationToken) {
+        let mut rotation: u64 = 0;
+        loop {
+            let next = {
+                let mut rounds = lock(&self.inner.rounds);
+                let s = rounds.active.pop_front();
+                if let Some(s) = &s {
+                    rounds.queued.remove(s);
+                }
+                s
+            };
+            let Some(scope) = next else {
+                tokio::select! {
+                    () = self.inner.work.notified() => continue,
+                    () = stop.cancelled() => return,
+                }
+            };
+            rotation = rotation.wrapping_add(1);
+            match self.serve_scope(&scope, rotation).await {
+                Ok(true) => self.activate(&scope),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(scope = %scope, error = %e, "claim failed; retrying the scope shortly");
+                    let engine = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        engine.wake_local(&scope);
+                    });
+                }
+            }
+        }
+    }
+
+    /// One turn of a scope: hands out at most its quantum. Returns whether it
+    /// could take more.
+    async fn serve_scope(
+        &self,
+        scope: &Scope,
+        rotation: u64,
+    ) -> Result<bool, crate::store::StoreError> {
+        let weight = self.weight(scope);
+        let mut budget = weight.saturating_mul(self.inner.fleet.quantum).max(1);
+        let mut candidates: Vec<(String, Labels, u32)> = {
+            let conns = lock(&self.inner.conns);
+            conns
+                .by_scope
+                .get(scope)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| {
+                    let c = conns.by_worker.get(id)?;
+                    (c.credits > 0 && !c.starved && !c.draining)
+                        .then(|| (id.clone(), c.labels.clone(), c.credits))
+                })
+                .collect()
+        };
+        if candidates.is_empty() {
+            return Ok(false);
+        }
+        // Start with a different worker each turn so that one worker's labels
+        // do not always win the oldest tasks.
+        candidates.sort_by(|a, b| a.0.cmp(&b.0));
+        let len = candidates.len();
+        candidates.rotate_left(usize::try_from(rotation % len as u64).unwrap_or(0));
+        let mut more = false;
+        for (worker_id, labels, credits) in candidates {
+            if budget == 0 {
+                more = true;
+                break;
+            }
+            let want = credits.min(budget);
+            let now = now_ms();
+            let tasks = self
+                .inner
+                .store
+                .claim(&ClaimBatch {
+                    scope,
+                    worker_id: &worker_id,
+                    worker_labels: &labels,
+                    max: want,
+                    now_ms: now,
+                    lease_ms: self.lease_ms(),
+                })
+                .await?;
+            let got = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+            budget = budget.saturating_sub(got);
+            {
+                let mut conns = lock(&self.inner.conns);
+                if let Some(c) = conns.by_worker.get_mut(&worker_id) {
+                    c.credits = c.credits.saturating_sub(got);
+                    if got < want {
+                        c.starved = true;
+                    } else if c.credits > 0 {
+                        more = true;
+                    }
+                }
+            }
+            for task in tasks {
+                self.deliver(&worker_id, task).await;
+            }
+        }
+        Ok(more)
+    }
+
+    fn weight(&self, scope: &Scope) -> u32 {
+        let key = match scope {
+            Scope::Tenant(t) => t.clone(),
+            Scope::Pool(p) => format!("pool/{p}"),
+        };
+        self.inner
+            .fleet
+            .weights
+            .get(&key)
+            .copied()
+            .unwrap_or(self.inner.fleet.default_weight)
+            .max(1)
+    }
+
+    pub fn lease_ms(&self) -> i64 {
+        i64::try_from(self.inner.fleet.lease_ms).unwrap_or(i64::MAX)
+    }
+
+    /// Pushes a claimed task to its worker. If the stream is gone or full, the
+    /// attempt goes back to the queue at once rather than waiting out its
+    /// lease.
+    async fn deliver(&self, worker_id: &str, task: TaskRow) {
+        let msg = match self.assignment(&task).await {
+            Ok(a) => pb::ClaimResponse {
+                body: Some(pb::claim_response::Body::Assignment(a)),
+            },
+            Err(e) => {
+                tracing::error!(task = %task.task_id, error = %e, "cannot build an assignment");
+                self.give_back(&task, "the agent version could not be loaded")
+                    .await;
+                return;
+            }
+        };
+        if self.send_to(worker_id, msg) {
+            self.changed(&task.task_id);
+        } else {
+            self.give_back(&task, "the worker's claim stream closed")
+                .await;
+        }
+    }
+
+    async fn give_back(&self, task: &TaskRow, why: &str) {
+        match self
+            .inner
+            .store
+            .release_attempt(&task.task_id, task.lease_epoch, why, now_ms())
+            .await
+        {
+            Ok(Some(r)) => {
+                self.after_release(&r, pb::CancelReason::AcceptRefused)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(task = %task.task_id, error = %e, "cannot give an attempt back; its lease will lapse")
+            }
+        }
+    }
+
+    pub async fn agent(&self, name: &str, version: &str) -> Result<AgentRow, Error> {
+        let key = (name.to_owned(), version.to_owned());
+        if let Some(a) = lock(&self.inner.agents).get(&key) {
+            return Ok(a.clone());
+        }
+        let a = self
+            .inner
+            .store
+            .get_agent(name, version)
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?
+            .ok_or_else(|| Error::NotFound(format!("agent {name} {version}")))?;
+        lock(&self.inner.agents).insert(key, a.clone());
+        Ok(a)
+    }
+
+    pub async fn assignment(&self, task: &TaskRow) -> Result<pb::ClaimAssignment, Error> {
+        let agent = self.agent(&task.agent, &task.agent_version).await?;
+        Ok(pb::ClaimAssignment {
+            task: Some(convert::task(task, true)),
+            agent: Some(convert::agent(&agent)),
+            attempt: task.attempt,
+            lease_epoch: task.lease_epoch,
+            deadline: task.deadline_at_ms.map(convert::ts),
+        })
+    }
+
+    // ---- accept, heartbeat, report -----------------------------------------
+
+    /// An acceptance: records `task.claimed`, has identity sign the run's CSR,
+    /// and marks the task running. On any failure the attempt goes back to the
+    /// queue and the worker gets a cancel.
+    pub async fn accept(&self, who: &WorkerIdent, a: pb::ClaimAccept) {
+        match self
+            .start_attempt(
+                who,
+                &a.task_id,
+                a.attempt,
+                a.lease_epoch,
+                a.run_csr_der.to_vec(),
+            )
+            .await
+        {
+            Ok((task, run_id, svid)) => {
+                let msg = pb::ClaimResponse {
+                    body: Some(pb::claim_response::Body::RunSvid(pb::ClaimRunSvid {
+                        task_id: task.task_id.clone(),
+                        attempt: task.attempt,
+                        lease_epoch: task.lease_epoch,
+                        run_id,
+                        svid: Some(svid),
+                    })),
+                };
+                self.send_to(&who.worker_id, msg);
+            }
+            Err(e) => {
+                tracing::info!(task = %a.task_id, worker = %who.worker_id, error = %e, "acceptance refused");
+                let cancel = cancel_msg(
+                    &a.task_id,
+                    a.attempt,
+                    a.lease_epoch,
+                    pb::CancelReason::AcceptRefused,
+                    &e.to_string(),
+                );
+                self.send_to(&who.worker_id, cancel);
+            }
+        }
+    }
+
+    /// Turns an assigned attempt into a run: audit, mint, mark running.
+    pub async fn start_attempt(
+        &self,
+        who: &WorkerIdent,
+        task_id: &str,
+        attempt: u32,
+        lease_epoch: u64,
+        csr: Vec<u8>,
+    ) -> Result<(TaskRow, String, idpb::X509Svid), Error> {
+        let store = &self.inner.store;
+        let task = store
+            .get_task(task_id)
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?
+            .ok_or_else(|| Error::NotFound(format!("task {task_id}")))?;
+        if task.scope != who.scope
+            || task.worker_id != who.worker_id
+            || task.lease_epoch != lease_epoch
+            || task.attempt != attempt
+            || task.status != TaskStatus::Assigned
+        {
+            return Err(Error::FailedPrecondition(
+                "the attempt is not assigned to this worker at this lease epoch".into(),
+            ));
+        }
+        if csr.is_empty() {
+            self.give_back(&task, "the acceptance carried no csr").await;
+            return Err(Error::invalid("run_csr_der", "required"));
+        }
+        let run_id = new_id();
+        let (tenant, pool) = task.scope.columns();
+        let claimed = event(
+            "task.claimed",
+            tenant,
+            &run_id,
+            AuditOutcome::Success,
+            [
+                ("task_id", task.task_id.clone()),
+                ("attempt", task.attempt.to_string()),
+                ("lease_epoch", task.lease_epoch.to_string()),
+                ("worker_id", who.worker_id.clone()),
+                ("pool", pool.to_owned()),
+                ("agent", format!("{}@{}", task.agent, task.agent_version)),
+            ],
+        );
+        if let Err(e) = self.inner.audit.record_one(claimed).await {
+            self.give_back(&task, "audit was unavailable").await;
+            return Err(e);
+        }
+        let minted = self
+            .inner
+            .identity
+            .clone()
+            .mint_run_svid(idpb::MintRunSvidRequest {
+                tenant: tenant.to_owned(),
+                pool: pool.to_owned(),
+                run_id: run_id.clone(),
+                csr_der: csr.into(),
+                ttl: None,
+                worker_id: who.worker_id.clone(),
+            })
+            .await;
+        let svid = match minted {
+            Ok(r) => r.into_inner().svid.unwrap_or_default(),
+            Err(status) => {
+                let why = if status.code() == tonic::Code::InvalidArgument {
+                    "identity refused the run's csr"
+                } else {
+                    "identity could not sign the run's identity"
+                };
+                tracing::warn!(task = %task.task_id, code = ?status.code(), message = status.message(), "run identity not minted");
+                self.give_back(&task, why).await;
+                return Err(if status.code() == tonic::Code::InvalidArgument {
+                    Error::invalid("run_csr_der", status.message())
+                } else {
+                    Error::Unavailable {
+                        what: "identity",
+                        source: None,
+                    }
+                });
+            }
+        };
+        let running = store
+            .start_run(
+                &task.task_id,
+                &who.worker_id,
+                lease_epoch,
+                &run_id,
+                now_ms(),
+                self.lease_ms(),
+            )
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?;
+        let Some(running) = running else {
+            // The lease was lost while identity signed: the run must not live.
+            self.revoke_run(
+                &task.scope,
+                &run_id,
+                "the attempt lost its lease while starting",
+            )
+            .await;
+            return Err(Error::FailedPrecondition(
+                "the attempt lost its lease while starting".into(),
+            ));
+        };
+        self.changed(&running.task_id);
+        Ok((running, run_id, svid))
+    }
+
+    /// A heartbeat: renews current leases, cancels the rest. Returns false if
+    /// the worker is no longer registered (its stream must close).
+    pub async fn heartbeat(
+        &self,
+        who: &WorkerIdent,
+        hb: pb::ClaimHeartbeat,
+    ) -> Result<bool, Error> {
+        let store = &self.inner.store;
+        let registered = store
+            .get_worker(&who.worker_id)
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?
+            .is_some_and(|w| w.spiffe_id == who.spiffe_id);
+        if !registered {
+            return Ok(false);
+        }
+        let leases: Vec<(String, u64)> = hb
+            .leases
+            .into_iter()
+            .take(1024)
+            .map(|l| (l.task_id, l.lease_epoch))
+            .collect();
+        if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(&who.worker_id) {
+            c.held = u32::try_from(leases.len()).unwrap_or(u32::MAX);
+        }
+        let lost = store
+            .renew_leases(&who.worker_id, &leases, now_ms(), self.lease_ms())
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?;
+        for (task_id, epoch) in lost {
+            self.send_to(
+                &who.worker_id,
+                cancel_msg(
+                    &task_id,
+                    0,
+                    epoch,
+                    pb::CancelReason::LeaseExpired,
+                    "the lease is no longer held",
+                ),
+            );
+        }
+        Ok(true)
+    }
+
+    /// A report: refused when stale, else recorded in audit, then applied.
+    pub async fn report(
+        &self,
+        who: &WorkerIdent,
+        r: pb::ClaimReport,
+    ) -> Result<pb::ClaimReportAck, Error> {
+        let store = &self.inner.store;
+        let mut ack = pb::ClaimReportAck {
+            task_id: r.task_id.clone(),
+            attempt: r.attempt,
+            lease_epoch: r.lease_epoch,
+            accepted: false,
+            rejection: 0,
+        };
+        let outcome = match Outcome::from_i32(r.outcome) {
+            Some(o) if o != Outcome::None => o,
+            _ => return Err(Error::invalid("report.outcome", "must be set")),
+        };
+        let Some(task) = store
+            .get_task(&r.task_id)
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?
+            .filter(|t| t.scope == who.scope)
+        else {
+            ack.rejection = pb::ReportRejection::UnknownTask as i32;
+            return Ok(ack);
+        };
+        let (tenant, _) = task.scope.columns();
+        if task.lease_epoch != r.lease_epoch || task.worker_id != who.worker_id {
+            self.record_stale(who, &task, r.lease_epoch).await;
+            ack.rejection = pb::ReportRejection::StaleLease as i32;
+            return Ok(ack);
+        }
+        if !task.status.is_leased() {
+            ack.accepted = true;
+            return Ok(ack);
+        }
+        let summary = convert::summary(&r.output_summary);
+        self.inner
+            .audit
+            .record_one(event(
+                "task.completed",
+                tenant,
+                &task.run_id,
+                if outcome == Outcome::Succeeded {
+                    AuditOutcome::Success
+                } else {
+                    AuditOutcome::Failure
+                },
+                [
+                    ("task_id", task.task_id.clone()),
+                    ("attempt", task.attempt.to_string()),
+                    ("lease_epoch", task.lease_epoch.to_string()),
+                    ("worker_id", who.worker_id.clone()),
+                    ("outcome", format!("{outcome:?}").to_lowercase()),
+                    ("exit_code", r.exit_code.to_string()),
+                ],
+            ))
+            .await?;
+        let finished = store
+            .finish(&crate::store::Finish {
+                task_id: &r.task_id,
+                worker_id: &who.worker_id,
+                lease_epoch: r.lease_epoch,
+                outcome,
+                exit_code: r.exit_code,
+                output_summary: summary,
+                now_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?;
+        use crate::store::Finished;
+        match finished {
+            Finished::Applied(after) => {
+                ack.accepted = true;
+                if after.status == TaskStatus::Queued {
+                    self.announce(&after.scope);
+                }
+                self.changed(&after.task_id);
+            }
+            Finished::Repeat(_) => ack.accepted = true,
+            Finished::Stale(t) => {
+                self.record_stale(who, &t, r.lease_epoch).await;
+                ack.rejection = pb::ReportRejection::StaleLease as i32;
+            }
+            Finished::Unknown => ack.rejection = pb::ReportRejection::UnknownTask as i32,
+        }
+        Ok(ack)
+    }
+
+    async fn record_stale(&self, who: &WorkerIdent, task: &TaskRow, epoch: u64) {
+        let (tenant, _) = task.scope.columns();
+        let ev = event(
+            "task.report_refused",
+            tenant,
+            &task.run_id,
+            AuditOutcome::Denied,
+            [
+                ("task_id", task.task_id.clone()),
+                ("worker_id", who.worker_id.clone()),
+                ("reported_epoch", epoch.to_string()),
+                ("current_epoch", task.lease_epoch.to_string()),
+                ("reason", "stale lease epoch".to_owned()),
+            ],
+        );
+        if let Err(e) = self.inner.audit.record_one(ev).await {
+            tracing::warn!(error = %e, task = %task.task_id, "could not record a refused report");
+        }
+    }
+
+    // ---- leases -------------------------------------------------------------
+
+    async fn reap(self, stop: CancellationToken) {
+        let every = Duration::from_millis(self.inner.fleet.reaper_ms.max(10));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+            match self.inner.store.expire(now_ms(), 500).await {
+                Ok(released) => {
+                    for r in released {
+                        let reason = if r.after.outcome == Outcome::TimedOut {
+                            pb::CancelReason::DeadlineExceeded
+                        } else {
+                            pb::CancelReason::LeaseExpired
+                        };
+                        let _ = self.after_release(&r, reason).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "lease expiry failed"),
+            }
+        }
+    }
+
+    /// After a leased attempt was released: tell its worker, revoke the run's
+    /// identity, record it, and wake the scope if the task is queued again.
+    /// Returns the run whose identity was revoked, if any.
+    pub async fn after_release(&self, r: &Released, reason: pb::CancelReason) -> Option<String> {
+        let before = &r.before;
+        let why = r.after.status_reason.clone();
+        self.cancel_lease(before, reason, &why);
+        let mut revoked = None;
+        if !before.run_id.is_empty()
+            && before.status == TaskStatus::Running
+            && self.revoke_run(&before.scope, &before.run_id, &why).await
+        {
+            revoked = Some(before.run_id.clone());
+        }
+        let (tenant, pool) = before.scope.columns();
+        let ev = event(
+            "task.lease_released",
+            tenant,
+            &before.run_id,
+            AuditOutcome::Failure,
+            [
+                ("task_id", before.task_id.clone()),
+                ("attempt", before.attempt.to_string()),
+                ("lease_epoch", before.lease_epoch.to_string()),
+                ("worker_id", before.worker_id.clone()),
+                ("pool", pool.to_owned()),
+                ("reason", why.clone()),
+                ("status", r.after.status.as_str().to_owned()),
+            ],
+        );
+        if let Err(e) = self.inner.audit.record_one(ev).await {
+            tracing::warn!(error = %e, task = %before.task_id, "could not record a released lease");
+        }
+        if r.after.status == TaskStatus::Queued {
+            self.announce(&r.after.scope);
+        }
+        self.changed(&before.task_id);
+        revoked
+    }
+
+    /// Revokes a run's identity, hard (its sandbox is killed).
+    pub async fn revoke_run(&self, scope: &Scope, run_id: &str, why: &str) -> bool {
+        let reason: String = why.chars().take(500).collect();
+        let res = self
+            .inner
+            .identity
+            .clone()
+            .revoke(idpb::RevokeRequest {
+                tenant: scope.tenant().to_owned(),
+                target: Some(idpb::revoke_request::Target::RunId(run_id.to_owned())),
+                reason: if reason.is_empty() {
+                    "released".into()
+                } else {
+                    reason
+                },
+                hard: true,
+            })
+            .await;
+        match res {
+            Ok(_) => true,
+            Err(status) => {
+                tracing::warn!(run = %run_id, code = ?status.code(), message = status.message(), "could not revoke a run identity");
+                false
+            }
+        }
+    }
+
+    pub async fn revoke_worker(
+        &self,
+        scope: &Scope,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<(), Status> {
+        self.inner
+            .identity
+            .clone()
+            .revoke(idpb::RevokeRequest {
+                tenant: scope.tenant().to_owned(),
+                target: Some(idpb::revoke_request::Target::WorkerId(worker_id.to_owned())),
+                reason: why.to_owned(),
+                hard: true,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    // ---- polling and remote wake-ups ---------------------------------------
+
+    async fn poll(self, stop: CancellationToken) {
+        loop {
+            let every = if self.inner.wake.healthy() {
+                self.inner.fleet.poll_ms
+            } else {
+                self.inner.fleet.fallback_poll_ms
+            };
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(every.max(10))) => {}
+                () = stop.cancelled() => return,
+            }
+            let local: HashSet<Scope> = lock(&self.inner.conns).by_scope.keys().cloned().collect();
+            if local.is_empty() {
+                continue;
+            }
+            match self.inner.store.queued_scopes().await {
+                Ok(scopes) => {
+                    for (scope, n) in scopes {
+                        if n > 0 && local.contains(&scope) {
+                            self.wake_local(&scope);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "polling the queue failed"),
+            }
+        }
+    }
+
+    async fn listen(self, stop: CancellationToken) {
+        let wake = self.inner.wake.clone();
+        let engine = self.clone();
+        wake.listen(stop, move |m| engine.on_remote(m)).await;
+    }
+}
+
+fn conns_drop(conn: Option<Conn>) -> Option<ClaimTx> {
+    conn.map(|c| c.tx)
+}
+
+pub fn cancel_msg(
+    task_id: &str,
+    attempt: u32,
+    lease_epoch: u64,
+    reason: pb::CancelReason,
+    message: &str,
+) -> pb::ClaimResponse {
+    pb::ClaimResponse {
+        body: Some(pb::claim_response::Body::Cancel(pb::ClaimCancel {
+            task_id: task_id.to_owned(),
+            attempt,
+            lease_epoch,
+            reason: reason as i32,
+            message: message.chars().take(500).collect(),
+        })),
+    }
+}
+
+/// A random id for tasks and runs: 32 lowercase hex digits, valid as a SPIFFE
+/// path segment.
+pub fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
