@@ -32,8 +32,9 @@
 //! environment: RESOLVE_BENCH_PHASES ("8:5000,32:20000": clients:resolves per
 //! phase), RESOLVE_BENCH_PROBE (10000: resolves per "where the time goes"
 //! phase; 0 skips them), RESOLVE_BENCH_PHASE_SECS (120: every phase stops
-//! there, and says so). Every loop is bounded by its count and by the phase
-//! deadline.
+//! there, and says so), RESOLVE_BENCH_OPEN ("2000:20000": an open-loop
+//! phase offering rate/s for that many resolves; empty skips it). Every loop
+//! is bounded by its count and by the phase deadline.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -92,6 +93,8 @@ type IdClient = IdentityServiceClient<bulkhead_mesh::client::MeshChannel>;
 #[derive(Debug, Clone)]
 struct Params {
     phases: Vec<(u64, u64)>,
+    /// (offered rate per second, resolves) of the open-loop phase.
+    open: Option<(u64, u64)>,
     probe: u64,
     phase: Duration,
 }
@@ -117,8 +120,19 @@ impl Params {
             phases.push((k.trim().parse::<u64>()?.max(1), n.trim().parse::<u64>()?));
         }
         ensure!(!phases.is_empty(), "RESOLVE_BENCH_PHASES names no phase");
+        let open = std::env::var("RESOLVE_BENCH_OPEN").unwrap_or_else(|_| "2000:20000".into());
+        let open = match open.trim() {
+            "" => None,
+            o => {
+                let (r, n) = o
+                    .split_once(':')
+                    .with_context(|| format!("RESOLVE_BENCH_OPEN: {o:?} is not rate:resolves"))?;
+                Some((r.trim().parse::<u64>()?.max(1), n.trim().parse::<u64>()?))
+            }
+        };
         Ok(Self {
             phases,
+            open,
             probe: env_u64("RESOLVE_BENCH_PROBE", 10_000)?,
             phase: Duration::from_secs(env_u64("RESOLVE_BENCH_PHASE_SECS", 120)?),
         })
@@ -327,6 +341,57 @@ where
         first_error,
         timed_out,
         ..Run::from_samples(all, elapsed)
+    }
+}
+
+/// Open loop: starts call `i` at `i / rate` seconds whatever the earlier calls
+/// are doing (spread over `clients` round robin; tonic multiplexes calls on a
+/// connection), and measures each call from its scheduled start, so a stall
+/// shows up in the latencies of every call it delayed.
+async fn drive_open<C, F, Fut>(clients: Vec<C>, rate: u64, n: u64, phase: Duration, call: F) -> Run
+where
+    C: Clone + Send + 'static,
+    F: Fn(C, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (C, Result<(), String>)> + Send + 'static,
+{
+    let start = Instant::now();
+    let deadline = start + phase;
+    let mut tasks = JoinSet::new();
+    let mut timed_out = false;
+    for i in 0..n {
+        let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+        if due >= deadline {
+            timed_out = true;
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let (client, call) = (clients[(i as usize) % clients.len()].clone(), call.clone());
+        tasks.spawn(async move {
+            let (_, r) = call(client, i).await;
+            (due - start, due.elapsed(), r)
+        });
+    }
+    let mut samples = Vec::new();
+    let (mut errors, mut first_error) = (0, None);
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok((at, latency, Ok(()))) => samples.push((at, latency)),
+            Ok((_, _, Err(e))) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(format!("task: {e}"));
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    Run {
+        errors,
+        first_error,
+        timed_out,
+        ..Run::from_samples(samples, elapsed)
     }
 }
 
@@ -1031,6 +1096,34 @@ async fn resolve_phase(
     Ok((run, Inside::take(&stack.times)))
 }
 
+/// Resolve offered at `rate` per second (open loop) over 16 connections.
+async fn open_phase(
+    stack: &Stack,
+    pki: &Pki,
+    rate: u64,
+    n: u64,
+    phase: Duration,
+) -> anyhow::Result<(Run, Inside)> {
+    let token = run_token(stack, pki, "open").await?;
+    let channels = connect_many(pki, &stack.vault_addr, "sealed-vault", &pki.runner, 16).await?;
+    let clients: Vec<VaultClient> = channels.into_iter().map(VaultClient::new).collect();
+    let req = resolve_request(TENANT, &token);
+    stack.times.clear();
+    let run = drive_open(clients, rate, n, phase, move |mut c: VaultClient, _| {
+        let req = req.clone();
+        async move {
+            let r = match c.resolve(req).await {
+                Ok(resp) if resp.get_ref().secrets.len() == SECRET_KEYS.len() => Ok(()),
+                Ok(resp) => Err(format!("resolved {} secrets", resp.get_ref().secrets.len())),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            };
+            (c, r)
+        }
+    })
+    .await;
+    Ok((run, Inside::take(&stack.times)))
+}
+
 /// The mTLS RPC floor: the same Resolve request with an invalid tenant, which
 /// the handler refuses (INVALID_ARGUMENT) before any of its work.
 async fn floor_phase(
@@ -1566,6 +1659,26 @@ async fn run() -> anyhow::Result<()> {
             ));
         }
         fig.phases.push((k, r, inside));
+        stack.shutdown().await?;
+    }
+    if let Some((rate, n)) = p.open {
+        let stack = ready_stack(&pki, None, None).await?;
+        println!("\n== Resolve, open loop: {rate}/s offered, {n} resolves ==");
+        let (r, inside) = open_phase(&stack, &pki, rate, n, p.phase).await?;
+        println!("{}", r.line(&format!("resolve at {rate}/s offered")));
+        println!("{}", inside.line());
+        for (q, (rt, p50, p99)) in r.slices(4).iter().enumerate() {
+            println!(
+                "  quarter {}: {}/s p50 {} p99 {}",
+                q + 1,
+                per_sec(*rt),
+                ms(*p50),
+                ms(*p99)
+            );
+        }
+        if r.calls == 0 {
+            bail!("the open-loop phase resolved nothing");
+        }
         stack.shutdown().await?;
     }
     if p.probe > 0 {
