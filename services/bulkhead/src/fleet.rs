@@ -1467,13 +1467,13 @@ async fn list_agents(
     }
     writeln!(
         out,
-        "{:<24}  {:<16}  {:<8}  {:<20}  {:<36}  {:<36}  IMAGE",
+        "{:<24}  {:<16}  {:<8}  {:<20}  {:<40}  {:<40}  IMAGE",
         "NAME", "VERSION", "STATUS", "SUBMITTED", "SUBMITTED BY", "DECIDED BY"
     )?;
     for a in &agents {
         writeln!(
             out,
-            "{:<24}  {:<16}  {:<8}  {:<20}  {:<36}  {:<36}  {}",
+            "{:<24}  {:<16}  {:<8}  {:<20}  {:<40}  {:<40}  {}",
             plain(&a.name),
             plain(&a.version),
             agent_status(a.status),
