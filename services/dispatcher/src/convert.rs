@@ -306,7 +306,7 @@ pub fn task(row: &TaskRow, with_payload: bool) -> pb::Task {
         } else {
             Default::default()
         },
-        payload_size: row.payload_size(),
+        payload_size: row.payload_size,
         priority: row.priority,
         idempotency_key: row.idempotency_key.clone(),
         status: row.status as i32,
@@ -376,7 +376,7 @@ mod tests {
             [("project/x.y".to_owned(), "p1".to_owned())].into();
         assert!(labels("labels", ok).is_ok());
         let bad: std::collections::HashMap<_, _> = [("a b".to_owned(), String::new())].into();
-        let err = labels("labels", bad).unwrap_err();
+        let err = labels("labels", bad).expect_err("refused");
         assert!(err.to_string().starts_with("invalid labels"), "{err}");
         let many = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
         assert!(labels("labels", many).is_err());
@@ -409,7 +409,7 @@ mod tests {
         };
         assert!(
             enqueue_spec(big, 16)
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("payload")
         );
@@ -424,7 +424,7 @@ mod tests {
         };
         assert!(
             enqueue_spec(prio, 16)
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("priority")
         );
@@ -434,7 +434,7 @@ mod tests {
         };
         assert!(
             enqueue_spec(att, 16)
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("max_attempts")
         );

@@ -243,6 +243,8 @@ pub struct TaskRow {
     /// The secret key names the sealed-vault snapshot reported at enqueue.
     pub secret_keys: Vec<String>,
     pub payload: Vec<u8>,
+    /// The payload's size in bytes, also when a list leaves `payload` empty.
+    pub payload_size: u32,
     pub priority: i32,
     /// Empty when none.
     pub idempotency_key: String,
@@ -272,12 +274,6 @@ pub struct TaskRow {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub finished_at_ms: Option<i64>,
-}
-
-impl TaskRow {
-    pub fn payload_size(&self) -> u32 {
-        u32::try_from(self.payload.len()).unwrap_or(u32::MAX)
-    }
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -486,6 +486,7 @@ impl DispatcherService for DispatcherApi {
             labels: spec.labels,
             cascade: spec.cascade.map(|c| c.encode_to_vec()).unwrap_or_default(),
             secret_keys,
+            payload_size: u32::try_from(spec.payload.len()).unwrap_or(u32::MAX),
             payload: spec.payload,
             priority: spec.priority,
             idempotency_key: spec.idempotency_key,

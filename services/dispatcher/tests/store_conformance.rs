@@ -208,6 +208,7 @@ fn task(id: &str, scope: &Scope) -> TaskRow {
         cascade: vec![0x0a, 0x03, b'a', b'b', b'c'],
         secret_keys: vec!["OPENAI_KEY".into(), "GITHUB_TOKEN".into()],
         payload: format!("payload of {id}").into_bytes(),
+        payload_size: format!("payload of {id}").len() as u32,
         priority: 0,
         idempotency_key: String::new(),
         request_hash: vec![7; 32],

@@ -109,7 +109,8 @@ const SCHEMA: &[&str] = &[
 macro_rules! task_columns {
     () => {
         "t.seq, t.task_id, t.tenant, t.pool, t.agent, t.agent_version, \
-         t.labels::text AS labels, t.cascade, t.secret_keys, t.payload, t.priority, \
+         t.labels::text AS labels, t.cascade, t.secret_keys, t.payload, \
+         octet_length(t.payload)::bigint AS payload_size, t.priority, \
          t.idempotency_key, t.request_hash, t.status, t.status_reason, t.attempt, \
          t.max_attempts, t.lease_epoch, t.worker_id, t.run_id, t.lease_expires_at_ms, \
          t.deadline_at_ms, t.timeout_ms, t.outcome, t.exit_code, t.output_summary, \
@@ -121,7 +122,8 @@ macro_rules! task_columns {
 macro_rules! task_list_columns {
     () => {
         "t.seq, t.task_id, t.tenant, t.pool, t.agent, t.agent_version, \
-         t.labels::text AS labels, t.cascade, t.secret_keys, ''::bytea AS payload, t.priority, \
+         t.labels::text AS labels, t.cascade, t.secret_keys, ''::bytea AS payload, \
+         octet_length(t.payload)::bigint AS payload_size, t.priority, \
          t.idempotency_key, t.request_hash, t.status, t.status_reason, t.attempt, \
          t.max_attempts, t.lease_epoch, t.worker_id, t.run_id, t.lease_expires_at_ms, \
          t.deadline_at_ms, t.timeout_ms, t.outcome, t.exit_code, t.output_summary, \

@@ -116,7 +116,7 @@ const SCHEMA: &[&str] = &[
 macro_rules! task_columns {
     () => {
         "seq, task_id, tenant, pool, agent, agent_version, labels, cascade, secret_keys, \
-         payload, priority, idempotency_key, request_hash, status, status_reason, attempt, \
+         payload, length(payload) AS payload_size, priority, idempotency_key, request_hash, status, status_reason, attempt, \
          max_attempts, lease_epoch, worker_id, run_id, lease_expires_at_ms, deadline_at_ms, \
          timeout_ms, outcome, exit_code, output_summary, created_at_ms, updated_at_ms, \
          finished_at_ms"
@@ -127,7 +127,7 @@ macro_rules! task_columns {
 macro_rules! task_list_columns {
     () => {
         "seq, task_id, tenant, pool, agent, agent_version, labels, cascade, secret_keys, \
-         X'' AS payload, priority, idempotency_key, request_hash, status, status_reason, \
+         X'' AS payload, length(payload) AS payload_size, priority, idempotency_key, request_hash, status, status_reason, \
          attempt, max_attempts, lease_epoch, worker_id, run_id, lease_expires_at_ms, \
          deadline_at_ms, timeout_ms, outcome, exit_code, output_summary, created_at_ms, \
          updated_at_ms, finished_at_ms"
@@ -1431,6 +1431,7 @@ pub(super) struct RawTask {
     cascade: Vec<u8>,
     secret_keys: String,
     payload: Vec<u8>,
+    payload_size: i64,
     priority: i64,
     idempotency_key: String,
     request_hash: Vec<u8>,
@@ -1472,6 +1473,7 @@ impl RawTask {
             max_attempts: int(WHAT, id, "max_attempts", self.max_attempts)?,
             lease_epoch: int(WHAT, id, "lease_epoch", self.lease_epoch)?,
             exit_code: int(WHAT, id, "exit_code", self.exit_code)?,
+            payload_size: int(WHAT, id, "payload_size", self.payload_size)?,
             status,
             outcome,
             task_id: self.task_id,
