@@ -67,9 +67,9 @@ use bulkhead_sealed_vault::crypto::{self, MasterKey};
 use bulkhead_sealed_vault::secret::SecretValue;
 use bulkhead_sealed_vault::service::{self, Parts, SealedVaultApi};
 use bulkhead_sealed_vault::store::{
-    self, ImportCounts, Lift, NewRevocation, Profile, ProfileBundle, ProfileQuery, ProfileSpec,
-    RevocationQuery, Rewrapped, SealedStore, SealedVersion, SecretMaterial, SecretMeta,
-    SecretRevocation, SecretVersion, StoreError, StoreExport, Tenants, VersionId,
+    self, Holding, ImportCounts, Lift, NewRevocation, Profile, ProfileBundle, ProfileQuery,
+    ProfileSpec, RevocationQuery, Rewrapped, SealedStore, SealedVersion, SecretMaterial,
+    SecretMeta, SecretRevocation, SecretVersion, StoreError, StoreExport, Tenants, VersionId,
 };
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::task::JoinSet;
@@ -589,6 +589,21 @@ impl SealedStore for TimedStore {
         query: &RevocationQuery,
     ) -> Result<Vec<SecretRevocation>, StoreError> {
         self.inner.list_revocations(tenants, query).await
+    }
+    async fn record_holdings(&self, holdings: &[Holding]) -> Result<(), StoreError> {
+        self.inner.record_holdings(holdings).await
+    }
+    async fn runs_holding(
+        &self,
+        tenant: &str,
+        profile: &str,
+        key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.inner.runs_holding(tenant, profile, key, now_ms).await
+    }
+    async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.inner.prune_holdings(now_ms).await
     }
     async fn sealed_versions(
         &self,

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cascade;
 pub mod config;
 pub mod crypto;
+pub mod holdings;
 pub mod secret;
 pub mod service;
 pub mod store;

@@ -5,7 +5,7 @@
 //! (operators, audited, rate-limited). Every action is recorded in audit
 //! before it takes effect; when audit cannot record it, nothing happens.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::backend::{Backends, ErrorKind, Reference, ResolveContext};
 use crate::cascade::{self, Entry, Level, Origin, Override, Revoked, Source};
 use crate::crypto::{self, MasterKey};
+use crate::holdings::{self, HoldingsWriter};
 use crate::secret::SecretValue;
 use crate::store::{
     Lift, NewRevocation, ProfileQuery, ProfileSpec, RevocationQuery, SealedStore, SecretMaterial,
@@ -63,11 +64,6 @@ pub const POLICY: Policy = Policy {
 
 /// Largest secret value, in bytes.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
-/// How long a resolved run counts as holding its keys (for RevokeSecret's
-/// affected runs): a run SVID lives at most 15 minutes.
-const RUN_MEMORY: Duration = Duration::from_secs(20 * 60);
-/// How often expired runs are forgotten.
-const PRUNE_EVERY: Duration = Duration::from_secs(30);
 /// How often the JWT bundle is refreshed from identity.
 const BUNDLE_REFRESH: Duration = Duration::from_secs(30);
 
@@ -88,21 +84,12 @@ pub struct Parts {
     pub reveals_per_minute: u32,
 }
 
-#[derive(Debug, Clone)]
-struct HeldKeys {
-    tenant: String,
-    profile: String,
-    keys: Vec<String>,
-    at: Instant,
-}
-
 #[derive(Debug)]
 struct Inner {
     parts: Parts,
     bundle: tokio::sync::RwLock<Option<(JwtBundle, Instant)>>,
-    /// run id → what it resolved, for RevokeSecret's affected runs.
-    held: Mutex<HashMap<String, Vec<HeldKeys>>>,
-    last_prune: Mutex<Instant>,
+    /// Which runs resolved which keys, for RevokeSecret's affected runs.
+    holdings: HoldingsWriter,
     reveals: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -376,13 +363,14 @@ fn entry_pb(e: &Entry) -> pb::CascadeEntry {
 }
 
 impl SealedVaultApi {
+    /// Builds the handlers and starts their holdings writer (so within a
+    /// Tokio runtime).
     pub fn new(parts: Parts) -> Self {
         Self {
             inner: Arc::new(Inner {
+                holdings: HoldingsWriter::start(parts.store.clone()),
                 parts,
                 bundle: tokio::sync::RwLock::new(None),
-                held: Mutex::new(HashMap::new()),
-                last_prune: Mutex::new(Instant::now()),
                 reveals: Mutex::new(HashMap::new()),
             }),
         }
@@ -489,64 +477,10 @@ impl SealedVaultApi {
         Ok(levels)
     }
 
-    fn remember(&self, run: &str, tenant: &str, entries: &[&Entry]) {
-        let mut by_profile: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for e in entries {
-            by_profile
-                .entry(e.profile.as_str())
-                .or_default()
-                .push(e.key.clone());
-        }
-        let mut held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget expired runs now and then, not on every Resolve: a full sweep
-        // per call made Resolve slower the longer the service ran.
-        {
-            let mut last = self
-                .inner
-                .last_prune
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if last.elapsed() >= PRUNE_EVERY {
-                *last = Instant::now();
-                held.retain(|_, v| {
-                    v.retain(|h| h.at.elapsed() < RUN_MEMORY);
-                    !v.is_empty()
-                });
-            }
-        }
-        let list = held.entry(run.to_owned()).or_default();
-        for (profile, keys) in by_profile {
-            list.push(HeldKeys {
-                tenant: tenant.to_owned(),
-                profile: profile.to_owned(),
-                keys,
-                at: Instant::now(),
-            });
-        }
-    }
-
-    fn runs_holding(&self, tenant: &str, profile: &str, key: Option<&str>) -> Vec<String> {
-        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
-        let mut runs: Vec<String> = held
-            .iter()
-            .filter(|(_, v)| {
-                v.iter().any(|h| {
-                    h.at.elapsed() < RUN_MEMORY
-                        && h.tenant == tenant
-                        && h.profile == profile
-                        && key.is_none_or(|k| h.keys.iter().any(|x| x == k))
-                })
-            })
-            .map(|(r, _)| r.clone())
-            .collect();
-        runs.sort();
-        runs
-    }
-
     async fn resolve_inner(
         &self,
         caller: &Caller,
-        r: pb::ResolveRequest,
+        mut r: pb::ResolveRequest,
     ) -> Result<pb::ResolveResponse, Error> {
         if r.run_jwt_svid.len() > 8 * 1024 {
             return Err(Error::invalid("run_jwt_svid", "at most 8 KiB"));
@@ -599,7 +533,7 @@ impl SealedVaultApi {
                 .await;
             return Err(Error::denied("the run's tenant does not own this cascade"));
         }
-        let levels = match self.levels(&r.tenant, r.cascade).await {
+        let levels = match self.levels(&r.tenant, r.cascade.take()).await {
             Ok(l) => l,
             Err(Error::PermissionDenied(why)) => {
                 self.deny_audit(caller, &r.tenant, &run_id, &why).await;
@@ -670,19 +604,7 @@ impl SealedVaultApi {
                 _ => None,
             })
             .collect();
-        if !override_refs.is_empty() {
-            let revoked = self.revoked_references(&r.tenant).await?;
-            for rf in &override_refs {
-                let canonical = Reference::parse(rf)
-                    .map_err(|e| Error::invalid("reference", e))?
-                    .to_string();
-                if revoked.contains(&canonical) {
-                    return Err(Error::FailedPrecondition(
-                        "an override names a revoked secret".into(),
-                    ));
-                }
-            }
-        }
+        self.check_override_refs(&r.tenant, &override_refs).await?;
         // 4. Revoked keys are refused, soft or hard.
         if let Some(e) = chosen
             .iter()
@@ -693,14 +615,123 @@ impl SealedVaultApi {
                 e.key
             )));
         }
-        // 5. Values: opened here, or fetched from their backend.
+        // 5. The run's holdings are recorded and the revocations read again
+        //    (see `crate::holdings`), while the values are fetched and the
+        //    resolution audited; no value leaves before all of it is done.
+        let held: Vec<(&str, &str)> = chosen
+            .iter()
+            .filter(|e| e.is_secret() && !e.profile.is_empty())
+            .map(|e| (e.profile.as_str(), e.key.as_str()))
+            .collect();
+        let last_check = self.hold_and_recheck(&r.tenant, &run_id, &held, &override_refs);
+        let deliver = self.deliver(caller, &r, &run_id, &chosen);
+        match tokio::try_join!(last_check, deliver) {
+            Ok(((), response)) => Ok(response),
+            Err(Stopped::Revoked(key)) => {
+                // Its resolution may be in audit already: record that it was
+                // refused after all.
+                let why = format!("secret {key} was revoked while resolving");
+                self.deny_audit(caller, &r.tenant, &run_id, &why).await;
+                Err(Error::FailedPrecondition(format!(
+                    "secret {key} is revoked"
+                )))
+            }
+            Err(Stopped::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Refuses override references that name the backend path of a revoked
+    /// secret (a revocation cannot be sidestepped by pointing an override at
+    /// the same value).
+    async fn check_override_refs(
+        &self,
+        tenant: &str,
+        override_refs: &[String],
+    ) -> Result<(), Error> {
+        if override_refs.is_empty() {
+            return Ok(());
+        }
+        let revoked = self.revoked_references(tenant).await?;
+        for rf in override_refs {
+            let canonical = Reference::parse(rf)
+                .map_err(|e| Error::invalid("reference", e))?
+                .to_string();
+            if revoked.contains(&canonical) {
+                return Err(Error::FailedPrecondition(
+                    "an override names a revoked secret".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that `run_id` holds `held` ((profile, key) pairs), waits for
+    /// the commit, and then reads the revocations in force on those profiles
+    /// and behind the override references: a revocation written before the
+    /// commit is seen here, and one written after it lists the run.
+    async fn hold_and_recheck(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        held: &[(&str, &str)],
+        override_refs: &[String],
+    ) -> Result<(), Stopped> {
+        self.inner
+            .holdings
+            .record(holdings::of_run(
+                tenant,
+                run_id,
+                held.iter().copied(),
+                now_ms(),
+            ))
+            .await
+            .map_err(|e| Error::unavailable("sealed store", e))?;
+        let profiles: BTreeSet<&str> = held.iter().map(|(profile, _)| *profile).collect();
+        for profile in profiles {
+            let in_force = self
+                .p()
+                .store
+                .list_revocations(
+                    Tenants::One(tenant),
+                    &RevocationQuery {
+                        profile: Some(profile.to_owned()),
+                        include_lifted: false,
+                        before: None,
+                        limit: 10_000,
+                    },
+                )
+                .await
+                .map_err(store_err)?;
+            let revoked = |key: &str| {
+                in_force
+                    .iter()
+                    .any(|rv| rv.key.as_deref().is_none_or(|k| k == key))
+            };
+            if let Some((_, key)) = held.iter().find(|(p, k)| *p == profile && revoked(k)) {
+                return Err(Stopped::Revoked((*key).to_owned()));
+            }
+        }
+        self.check_override_refs(tenant, override_refs).await?;
+        Ok(())
+    }
+
+    /// Opens or fetches the chosen values and records the resolution; the
+    /// response is returned only if audit recorded it.
+    async fn deliver(
+        &self,
+        caller: &Caller,
+        r: &pb::ResolveRequest,
+        run_id: &str,
+        chosen: &[&Entry],
+    ) -> Result<pb::ResolveResponse, Stopped> {
+        // Values: opened here, or fetched from their backend.
         let ctx = ResolveContext {
             tenant: r.tenant.clone(),
-            run_id: run_id.clone(),
+            run_id: run_id.to_owned(),
             workload_access_token: None,
         };
         let mut refs = Vec::new();
-        for e in &chosen {
+        for e in chosen {
             let reference = match &e.source {
                 Source::Stored {
                     material: SecretMaterial::Reference(r),
@@ -713,12 +744,17 @@ impl SealedVaultApi {
                 refs.push(Reference::parse(r).map_err(|e| Error::invalid("reference", e))?);
             }
         }
-        let mut fetched = p.backends.resolve_many(&refs, &ctx).await.into_iter();
+        let mut fetched = self
+            .p()
+            .backends
+            .resolve_many(&refs, &ctx)
+            .await
+            .into_iter();
         let mut secrets = Vec::new();
         let mut env = BTreeMap::new();
         let mut attrs_keys = Vec::new();
         let mut attrs_request_ids = Vec::new();
-        for e in &chosen {
+        for e in chosen {
             let (value, version, backend, request_id) = match &e.source {
                 Source::Plain(v) => {
                     env.insert(e.key.clone(), v.clone());
@@ -765,12 +801,12 @@ impl SealedVaultApi {
                 fingerprint,
             });
         }
-        // 6. Recorded before it is returned; if audit cannot record it, no value leaves.
+        // Recorded before it is returned; if audit cannot record it, no value leaves.
         let seq = self
             .audit(audit::event(
                 "sealed.credential.resolved",
                 &r.tenant,
-                &run_id,
+                run_id,
                 Outcome::Success,
                 [
                     ("keys", attrs_keys.join(",")),
@@ -780,19 +816,10 @@ impl SealedVaultApi {
                 ],
             ))
             .await?;
-        self.remember(
-            &run_id,
-            &r.tenant,
-            &chosen
-                .iter()
-                .filter(|e| e.is_secret())
-                .copied()
-                .collect::<Vec<_>>(),
-        );
         Ok(pb::ResolveResponse {
             secrets,
             env: env.into_iter().collect(),
-            run_id,
+            run_id: run_id.to_owned(),
             audit_sequence: seq,
         })
     }
@@ -876,6 +903,20 @@ impl SealedVaultApi {
     ) -> Result<Vec<Entry>, Error> {
         let levels = self.levels(tenant, cascade).await?;
         Ok(cascade::apply(&levels).into_values().collect())
+    }
+}
+
+/// Why a Resolve stopped once its values were on their way.
+#[derive(Debug)]
+enum Stopped {
+    /// A revocation of this key came in while it resolved.
+    Revoked(String),
+    Failed(Error),
+}
+
+impl From<Error> for Stopped {
+    fn from(e: Error) -> Self {
+        Stopped::Failed(e)
     }
 }
 
@@ -1313,7 +1354,7 @@ impl SealedVaultService for SealedVaultApi {
             return Err(Error::invalid("reason", "1 to 512 bytes").into());
         }
         let key = (!r.key.is_empty()).then_some(r.key.clone());
-        let affected = self.runs_holding(&r.tenant, &r.profile, key.as_deref());
+        // Recorded before it takes effect: without the record, no revocation.
         self.audit(audit::event(
             "sealed.secret.revoked",
             &r.tenant,
@@ -1324,11 +1365,13 @@ impl SealedVaultService for SealedVaultApi {
                 ("key", r.key.clone()),
                 ("hard", r.hard.to_string()),
                 ("reason", r.reason.clone()),
-                ("affected_runs", affected.join(",")),
                 ("by", caller.id.to_string()),
             ],
         ))
         .await?;
+        // The store lists the runs holding the secret in the transaction
+        // that writes the revocation; read any earlier, a run resolving
+        // meanwhile could be missed (see `crate::holdings`).
         let rev = self
             .p()
             .store
@@ -1340,10 +1383,32 @@ impl SealedVaultService for SealedVaultApi {
                 reason: r.reason.clone(),
                 revoked_by: caller.id.to_string(),
                 revoked_at_ms: now_ms(),
-                affected_run_ids: affected.clone(),
             })
             .await
             .map_err(store_err)?;
+        let affected = rev.affected_run_ids.clone();
+        // The runs are known only now, so they have an event of their own,
+        // recorded before any of them is revoked. Without it the revocation
+        // stands (Resolve refuses the secret) but no run is revoked; the
+        // operator retries.
+        self.audit(audit::event(
+            "sealed.secret.revocation_applied",
+            &r.tenant,
+            "",
+            Outcome::Success,
+            [
+                ("revocation_id", rev.id.clone()),
+                ("profile", r.profile.clone()),
+                ("key", r.key.clone()),
+                ("hard", r.hard.to_string()),
+                ("affected_runs", affected.join(",")),
+                ("by", caller.id.to_string()),
+            ],
+        ))
+        .await
+        .inspect_err(|error| {
+            tracing::error!(revocation = %rev.id, %error, "a revocation is in force but its affected runs could not be recorded");
+        })?;
         // A hard revocation reaches the sandbox-runners through identity's
         // revocation stream: each run holding the secret is revoked there.
         if r.hard {

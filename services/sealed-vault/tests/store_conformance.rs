@@ -10,7 +10,7 @@ use bulkhead_sealed_vault::secret::SecretValue;
 use bulkhead_sealed_vault::store::postgres::PgStore;
 use bulkhead_sealed_vault::store::sqlite::SqliteStore;
 use bulkhead_sealed_vault::store::{
-    self, EXPORT_FORMAT, Lift, NewRevocation, ProfileQuery, ProfileSpec, RevocationQuery,
+    self, EXPORT_FORMAT, Holding, Lift, NewRevocation, ProfileQuery, ProfileSpec, RevocationQuery,
     Rewrapped, RotateError, SealedStore, SecretMaterial, SecretVersion, StoreError, StoreExport,
     Tenants, VersionId, rotate_master_key,
 };
@@ -90,6 +90,8 @@ async fn suite(s: Arc<dyn SealedStore>, master: &MasterKey) {
     secrets(s.as_ref(), master).await;
     tenant_isolation(s.as_ref(), master).await;
     revocations(s.as_ref()).await;
+    holdings(s.as_ref()).await;
+    holdings_against_revocations(&s).await;
     concurrent_writers(&s, master).await;
     rotation(s.as_ref(), master).await;
 }
@@ -554,9 +556,22 @@ fn revocation(tenant: &str, profile: &str, key: Option<&str>, at_ms: i64) -> New
         reason: "leaked in a log".into(),
         revoked_by: OPERATOR.into(),
         revoked_at_ms: at_ms,
-        affected_run_ids: vec!["run-1".into(), "run-2".into()],
     }
 }
+
+/// A holding resolved at `at_ms`, held for `for_ms`.
+fn holding(tenant: &str, profile: &str, key: &str, run: &str, at_ms: i64, for_ms: i64) -> Holding {
+    Holding {
+        tenant: tenant.into(),
+        profile: profile.into(),
+        key: key.into(),
+        run_id: run.into(),
+        resolved_at_ms: at_ms,
+        expires_at_ms: at_ms + for_ms,
+    }
+}
+
+const DAY: i64 = 24 * 60 * MINUTE;
 
 fn rq(profile: Option<&str>, include_lifted: bool, limit: u32) -> RevocationQuery {
     RevocationQuery {
@@ -583,6 +598,13 @@ async fn revocations(s: &dyn SealedStore) {
     .await
     .expect("put");
 
+    // Runs that resolved TOKEN: every revocation of it lists them.
+    s.record_holdings(&[
+        holding(t, p, "TOKEN", "run-2", NOW, DAY),
+        holding(t, p, "TOKEN", "run-1", NOW, DAY),
+    ])
+    .await
+    .expect("hold");
     assert!(matches!(
         s.revoke(&revocation(t, p, Some("ABSENT"), NOW)).await,
         Err(StoreError::SecretNotFound { .. })
@@ -611,11 +633,13 @@ async fn revocations(s: &dyn SealedStore) {
         .expect("revoke profile");
     assert_eq!(whole.key, None);
     assert!(!whole.hard);
+    assert_eq!(whole.affected_run_ids, ["run-1", "run-2"]);
     let other = s
         .revoke(&revocation(t, "other", None, NOW + 3))
         .await
         .expect("revoke");
     assert_ne!(key.id, whole.id);
+    assert!(other.affected_run_ids.is_empty(), "no run resolved it");
 
     assert_eq!(
         s.get_revocation(t, &key.id).await.expect("get"),
@@ -713,6 +737,183 @@ async fn revocations(s: &dyn SealedStore) {
         .expect("load")
         .expect("bundle");
     assert_eq!(bundle.revocations, vec![other]);
+}
+
+async fn holdings(s: &dyn SealedStore) {
+    let (t, p, globex) = ("h-acme", "default", "h-globex");
+    for (tenant, profile) in [(t, p), (t, "other"), (globex, p)] {
+        s.create_profile(tenant, profile, &ProfileSpec::default(), NOW)
+            .await
+            .expect("create");
+    }
+    for (tenant, profile, key) in [
+        (t, p, "KEY_A"),
+        (t, p, "KEY_B"),
+        (t, "other", "KEY_A"),
+        (globex, p, "KEY_A"),
+    ] {
+        s.put_secret(&reference_version(
+            VersionId::new(tenant, profile, key, 1),
+            "vault://secret/app#password",
+            NOW,
+        ))
+        .await
+        .expect("put");
+    }
+    let held = |tenant, profile, key, at| async move {
+        s.runs_holding(tenant, profile, key, at)
+            .await
+            .expect("runs holding")
+    };
+    assert!(held(t, p, None, NOW).await.is_empty());
+    s.record_holdings(&[]).await.expect("an empty batch");
+    assert!(matches!(
+        s.record_holdings(&[holding(t, p, "KEY_A", "", NOW, 20 * MINUTE)])
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // One batch of several tenants, with a holding twice.
+    let life = 20 * MINUTE;
+    s.record_holdings(&[
+        holding(t, p, "KEY_B", "run-2", NOW, life),
+        holding(t, p, "KEY_A", "run-1", NOW, life),
+        holding(t, p, "KEY_B", "run-1", NOW, life),
+        holding(t, p, "KEY_B", "run-2", NOW, life),
+        holding(t, "other", "KEY_A", "run-3", NOW, life),
+        holding(globex, p, "KEY_A", "run-9", NOW, life),
+    ])
+    .await
+    .expect("hold");
+    assert_eq!(held(t, p, None, NOW).await, ["run-1", "run-2"]);
+    assert_eq!(held(t, p, Some("KEY_A"), NOW).await, ["run-1"]);
+    assert_eq!(held(t, p, Some("KEY_B"), NOW).await, ["run-1", "run-2"]);
+    assert!(held(t, p, Some("KEY_C"), NOW).await.is_empty());
+    assert_eq!(held(t, "other", None, NOW).await, ["run-3"]);
+    // Another tenant's profile of the same name holds only its own runs.
+    assert_eq!(held(globex, p, None, NOW).await, ["run-9"]);
+
+    // Held until (not at) the expiry; a later resolution extends it, an
+    // earlier one arriving late does not shorten it.
+    let expiry = NOW + life;
+    assert_eq!(held(t, p, None, expiry - 1).await, ["run-1", "run-2"]);
+    assert!(held(t, p, None, expiry).await.is_empty());
+    s.record_holdings(&[holding(t, p, "KEY_B", "run-2", NOW + 10 * MINUTE, life)])
+        .await
+        .expect("hold again");
+    s.record_holdings(&[holding(t, p, "KEY_B", "run-2", NOW, life)])
+        .await
+        .expect("a late, older holding");
+    assert_eq!(held(t, p, None, expiry).await, ["run-2"]);
+
+    // A revocation lists the runs holding what it revokes, unexpired when it
+    // is recorded, and keeps them.
+    let key = s
+        .revoke(&revocation(t, p, Some("KEY_A"), NOW + MINUTE))
+        .await
+        .expect("revoke");
+    assert_eq!(key.affected_run_ids, ["run-1"]);
+    let whole = s
+        .revoke(&revocation(t, p, None, expiry))
+        .await
+        .expect("revoke");
+    assert_eq!(
+        whole.affected_run_ids,
+        ["run-2"],
+        "run-1's holdings expired"
+    );
+    assert_eq!(
+        s.get_revocation(t, &whole.id)
+            .await
+            .expect("get")
+            .map(|r| r.affected_run_ids),
+        Some(vec!["run-2".to_owned()])
+    );
+    let theirs = s
+        .revoke(&revocation(globex, p, None, NOW))
+        .await
+        .expect("revoke");
+    assert_eq!(theirs.affected_run_ids, ["run-9"]);
+
+    // Pruning deletes the expired holdings, of every tenant, and no other.
+    assert_eq!(s.prune_holdings(NOW).await.expect("prune"), 0);
+    assert_eq!(s.prune_holdings(expiry).await.expect("prune"), 4);
+    assert_eq!(held(t, p, None, NOW).await, ["run-2"]);
+    assert!(held(t, "other", None, NOW).await.is_empty());
+    assert!(held(globex, p, None, NOW).await.is_empty());
+    assert_eq!(s.prune_holdings(expiry).await.expect("prune"), 0);
+}
+
+/// A Resolve records its holding and then reads the revocations in force;
+/// a RevokeSecret records its revocation (which lists the holders). Started
+/// together, round after round: the Resolve sees the revocation, or the
+/// revocation lists the run — never neither.
+async fn holdings_against_revocations(s: &Arc<dyn SealedStore>) {
+    const ROUNDS: usize = 60;
+    let (t, p) = ("race-acme", "default");
+    s.create_profile(t, p, &ProfileSpec::default(), NOW)
+        .await
+        .expect("create");
+    let (mut refused, mut listed) = (0, 0);
+    for round in 0..ROUNDS {
+        let key = format!("KEY_{round}");
+        let run = format!("run-{round}");
+        s.put_secret(&reference_version(
+            VersionId::new(t, p, &key, 1),
+            "vault://secret/app#password",
+            NOW,
+        ))
+        .await
+        .expect("put");
+        let barrier = Arc::new(Barrier::new(2));
+        let resolve = {
+            let (s, barrier, key, run) = (
+                Arc::clone(s),
+                Arc::clone(&barrier),
+                key.clone(),
+                run.clone(),
+            );
+            tokio::spawn(async move {
+                barrier.wait().await;
+                // Shift the start a little, differently each round.
+                for _ in 0..round % 7 {
+                    tokio::task::yield_now().await;
+                }
+                s.record_holdings(&[holding(t, p, &key, &run, NOW, DAY)])
+                    .await
+                    .expect("hold");
+                s.list_revocations(Tenants::One(t), &rq(Some(p), false, 1000))
+                    .await
+                    .expect("revocations in force")
+                    .iter()
+                    .any(|r| r.key.as_deref() == Some(key.as_str()))
+            })
+        };
+        let revoke = {
+            let (s, barrier, key) = (Arc::clone(s), Arc::clone(&barrier), key.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                for _ in 0..(round / 7) % 5 {
+                    tokio::task::yield_now().await;
+                }
+                s.revoke(&revocation(t, p, Some(&key), NOW))
+                    .await
+                    .expect("revoke")
+            })
+        };
+        let saw_revocation = resolve.await.expect("resolve task");
+        let revocation = revoke.await.expect("revoke task");
+        let lists_run = revocation.affected_run_ids.contains(&run);
+        assert!(
+            saw_revocation || lists_run,
+            "round {round}: the holder missed the revocation and the revocation missed the holder"
+        );
+        refused += usize::from(saw_revocation);
+        listed += usize::from(lists_run);
+    }
+    eprintln!(
+        "holdings against revocations: {ROUNDS} rounds, {refused} saw the revocation, {listed} were listed"
+    );
 }
 
 async fn concurrent_writers(s: &Arc<dyn SealedStore>, master: &MasterKey) {
@@ -1183,7 +1384,13 @@ async fn postgres_store_conforms() -> anyhow::Result<()> {
     let leak = PgStore::open(&pg.create_database("sealed_canary").await?).await?;
     let canary = plant_canary(&leak, &master).await;
     let mut rows = Vec::new();
-    for table in ["profiles", "secrets", "secret_versions", "revocations"] {
+    for table in [
+        "profiles",
+        "secrets",
+        "secret_versions",
+        "revocations",
+        "run_holdings",
+    ] {
         let text: Vec<String> =
             sqlx::query_scalar(&format!("SELECT CAST(t AS TEXT) FROM {table} t"))
                 .fetch_all(leak.pool())

@@ -1,12 +1,15 @@
 //! Sealed-vault's state: tenant profiles, secret versions (sealed bytes or
-//! backend references) and secret revocations. One trait, SQLite (the
-//! embedded default) and PostgreSQL, one conformance suite for both.
+//! backend references), secret revocations and run holdings (which runs
+//! resolved which keys, for a revocation's affected runs). One trait, SQLite
+//! (the embedded default) and PostgreSQL, one conformance suite for both.
 //!
 //! Tenant isolation lives here as much as in the handlers: every
 //! tenant-scoped method takes the tenant and puts it in the WHERE clause of
 //! every statement it runs, so no query can read or change another tenant's
 //! rows. The only whole-store operations are master-key rotation, export and
-//! import, and listings given [`Tenants::All`] (operators only); each says so
+//! import, listings given [`Tenants::All`] (operators only), and the two
+//! holdings chores of the service itself: recording a batch of holdings
+//! (each row carries its own tenant) and pruning expired ones; each says so
 //! in its name or arguments.
 //!
 //! The store never sees plaintext: values arrive sealed ([`SealedSecret`])
@@ -237,8 +240,6 @@ pub struct NewRevocation {
     /// The SPIFFE ID of the operator.
     pub revoked_by: String,
     pub revoked_at_ms: i64,
-    /// The runs it affected (they had resolved the key).
-    pub affected_run_ids: Vec<String>,
 }
 
 /// A recorded revocation.
@@ -254,6 +255,7 @@ pub struct SecretRevocation {
     pub reason: String,
     pub revoked_by: String,
     pub revoked_at_ms: i64,
+    /// The runs holding what it revoked when it was recorded, sorted.
     pub affected_run_ids: Vec<String>,
     /// `None` while in force.
     pub lifted: Option<Lift>,
@@ -266,6 +268,19 @@ pub struct Lift {
     pub by: String,
     pub at_ms: i64,
     pub reason: String,
+}
+
+/// A run's hold on one secret key: the run resolved it at `resolved_at_ms`
+/// and counts as holding it until `expires_at_ms`. Holdings are not history
+/// (export and import leave them out): they live as long as a run may.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    pub tenant: String,
+    pub profile: String,
+    pub key: String,
+    pub run_id: String,
+    pub resolved_at_ms: i64,
+    pub expires_at_ms: i64,
 }
 
 /// A page of revocations, newest first.
@@ -414,8 +429,12 @@ pub trait SealedStore: Send + Sync + fmt::Debug {
 
     // Revocations.
 
-    /// Records a revocation of a key (which must exist) or a whole profile;
-    /// the store assigns its id.
+    /// Records a revocation of a key (which must exist) or a whole profile.
+    /// The store assigns its id and fills its `affected_run_ids`: the runs
+    /// holding what it revokes, unexpired at `revoked_at_ms`. Both happen in
+    /// one transaction inside which no holding can commit, so every holding
+    /// recorded before it is listed, and every one recorded after it is
+    /// followed by a revocation read that sees it (see [`crate::holdings`]).
     async fn revoke(&self, revocation: &NewRevocation) -> Result<SecretRevocation, StoreError>;
     async fn lift_revocation(
         &self,
@@ -433,6 +452,27 @@ pub trait SealedStore: Send + Sync + fmt::Debug {
         tenants: Tenants<'_>,
         query: &RevocationQuery,
     ) -> Result<Vec<SecretRevocation>, StoreError>;
+
+    // Holdings.
+
+    /// Records holdings of any tenants in one transaction (each row keeps
+    /// its own tenant); a holding already there for the same tenant, profile,
+    /// key and run keeps the later times. Returns once they are committed:
+    /// from then on every [`SealedStore::revoke`] of their keys lists their
+    /// runs.
+    async fn record_holdings(&self, holdings: &[Holding]) -> Result<(), StoreError>;
+    /// The runs holding `key` of a profile (`None`: any of its keys),
+    /// unexpired at `now_ms`, sorted, each once.
+    async fn runs_holding(
+        &self,
+        tenant: &str,
+        profile: &str,
+        key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Deletes every holding expired at `now_ms` (whole store); returns how
+    /// many.
+    async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError>;
 
     // Master-key rotation (whole store).
 
@@ -874,7 +914,7 @@ fn new_revocation_id() -> String {
     format!("rv_{}", hex::encode(rand::random::<[u8; 16]>()))
 }
 
-fn revocation_of(id: String, r: &NewRevocation) -> SecretRevocation {
+fn revocation_of(id: String, r: &NewRevocation, affected_run_ids: Vec<String>) -> SecretRevocation {
     SecretRevocation {
         id,
         tenant: r.tenant.clone(),
@@ -884,7 +924,7 @@ fn revocation_of(id: String, r: &NewRevocation) -> SecretRevocation {
         reason: r.reason.clone(),
         revoked_by: r.revoked_by.clone(),
         revoked_at_ms: r.revoked_at_ms,
-        affected_run_ids: r.affected_run_ids.clone(),
+        affected_run_ids,
         lifted: None,
     }
 }
@@ -1055,6 +1095,34 @@ fn version_of(p: &ExportedProfile, s: &ExportedSecret, v: &ExportedVersion) -> S
         fingerprint: v.fingerprint.clone(),
         written_at_ms: v.written_at_ms,
     }
+}
+
+/// Rows per holdings INSERT: 6 parameters each, well under both databases'
+/// limits on parameters per statement.
+const HOLDINGS_PER_STATEMENT: usize = 1000;
+
+/// Holdings as rows to write: one per (tenant, profile, key, run), keeping the
+/// later times, in primary-key order (so concurrent writers of PostgreSQL lock
+/// shared rows in one order and cannot deadlock).
+fn holding_rows(holdings: &[Holding]) -> Result<Vec<Holding>, StoreError> {
+    let mut rows: BTreeMap<(&str, &str, &str, &str), Holding> = BTreeMap::new();
+    for h in holdings {
+        if [&h.tenant, &h.profile, &h.key, &h.run_id]
+            .iter()
+            .any(|f| f.is_empty())
+        {
+            return Err(StoreError::Invalid(
+                "a holding names a tenant, profile, key and run".into(),
+            ));
+        }
+        rows.entry((&h.tenant, &h.profile, &h.key, &h.run_id))
+            .and_modify(|row| {
+                row.resolved_at_ms = row.resolved_at_ms.max(h.resolved_at_ms);
+                row.expires_at_ms = row.expires_at_ms.max(h.expires_at_ms);
+            })
+            .or_insert_with(|| h.clone());
+    }
+    Ok(rows.into_values().collect())
 }
 
 /// Whether a database error is a unique-key violation (a concurrent writer

@@ -12,13 +12,14 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder, Transaction};
 
 use super::{
-    CURRENT_SELECT, ImportCounts, Lift, META_SELECT, MaterialColumns, NewRevocation,
-    PROFILE_COLUMNS, Profile, ProfileBundle, ProfileQuery, ProfileSpec, REVOCATION_COLUMNS,
-    RawCurrent, RawMeta, RawProfile, RawRevocation, RawVersion, RevocationQuery, Rewrapped,
-    SealedStore, SealedVersion, SecretMaterial, SecretMeta, SecretRevocation, SecretVersion,
-    SpecColumns, StoreError, StoreExport, Tenants, VERSION_COLUMNS, VersionId, assemble_export,
-    assemble_profiles, check_export, check_version, current_of, is_unique_violation,
-    new_revocation_id, revocation_of, to_i64, to_u64, version_of,
+    CURRENT_SELECT, HOLDINGS_PER_STATEMENT, Holding, ImportCounts, Lift, META_SELECT,
+    MaterialColumns, NewRevocation, PROFILE_COLUMNS, Profile, ProfileBundle, ProfileQuery,
+    ProfileSpec, REVOCATION_COLUMNS, RawCurrent, RawMeta, RawProfile, RawRevocation, RawVersion,
+    RevocationQuery, Rewrapped, SealedStore, SealedVersion, SecretMaterial, SecretMeta,
+    SecretRevocation, SecretVersion, SpecColumns, StoreError, StoreExport, Tenants,
+    VERSION_COLUMNS, VersionId, assemble_export, assemble_profiles, check_export, check_version,
+    current_of, holding_rows, is_unique_violation, new_revocation_id, revocation_of, to_i64,
+    to_u64, version_of,
 };
 
 const SCHEMA: &[&str] = &[
@@ -91,6 +92,19 @@ const SCHEMA: &[&str] = &[
         ON revocations (tenant, revoked_at_ms, id)",
     "CREATE INDEX IF NOT EXISTS revocations_in_force ON revocations (tenant, profile)
         WHERE lifted_at_ms IS NULL",
+    // Which runs resolved which keys. The primary key answers "the runs
+    // holding (tenant, profile[, key])"; expired rows are filtered there and
+    // pruned through the expiry index.
+    "CREATE TABLE IF NOT EXISTS run_holdings (
+        tenant TEXT COLLATE \"C\" NOT NULL,
+        profile TEXT COLLATE \"C\" NOT NULL,
+        key_name TEXT COLLATE \"C\" NOT NULL,
+        run_id TEXT COLLATE \"C\" NOT NULL,
+        resolved_at_ms BIGINT NOT NULL,
+        expires_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (tenant, profile, key_name, run_id)
+    )",
+    "CREATE INDEX IF NOT EXISTS run_holdings_expiry ON run_holdings (expires_at_ms)",
 ];
 
 #[derive(Debug, Clone)]
@@ -309,6 +323,28 @@ async fn insert_revocation(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The runs holding `key` of a profile (`None`: any key), unexpired at `now_ms`.
+async fn holders(
+    conn: &mut PgConnection,
+    tenant: &str,
+    profile: &str,
+    key: Option<&str>,
+    now_ms: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut qb =
+        QueryBuilder::<Postgres>::new("SELECT DISTINCT run_id FROM run_holdings WHERE tenant = ");
+    qb.push_bind(tenant)
+        .push(" AND profile = ")
+        .push_bind(profile);
+    if let Some(key) = key {
+        qb.push(" AND key_name = ").push_bind(key);
+    }
+    qb.push(" AND expires_at_ms > ")
+        .push_bind(now_ms)
+        .push(" ORDER BY run_id");
+    qb.build_query_scalar().fetch_all(conn).await
 }
 
 #[async_trait::async_trait]
@@ -702,7 +738,13 @@ impl SealedStore for PgStore {
     }
 
     async fn revoke(&self, r: &NewRevocation) -> Result<SecretRevocation, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // READ COMMITTED whatever the server's default: the holdings read
+        // must see what committed before the table lock, not a snapshot
+        // taken at the transaction's first statement.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
         if !lock_profile(&mut tx, &r.tenant, &r.profile).await? {
             return Err(StoreError::ProfileNotFound {
                 tenant: r.tenant.clone(),
@@ -726,7 +768,22 @@ impl SealedStore for PgStore {
                 });
             }
         }
-        let revocation = revocation_of(new_revocation_id(), r);
+        // SHARE conflicts with the ROW EXCLUSIVE lock every holdings write
+        // takes: it waits for those in flight to commit and keeps new ones
+        // from committing until this transaction ends, and the read below,
+        // a statement of its own under READ COMMITTED, sees all that did.
+        sqlx::query("LOCK TABLE run_holdings IN SHARE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let affected = holders(
+            &mut tx,
+            &r.tenant,
+            &r.profile,
+            r.key.as_deref(),
+            r.revoked_at_ms,
+        )
+        .await?;
+        let revocation = revocation_of(new_revocation_id(), r, affected);
         insert_revocation(&mut tx, &revocation, false).await?;
         tx.commit().await?;
         Ok(revocation)
@@ -807,6 +864,57 @@ impl SealedStore for PgStore {
             .into_iter()
             .map(RawRevocation::decode)
             .collect()
+    }
+
+    async fn record_holdings(&self, holdings: &[Holding]) -> Result<(), StoreError> {
+        let rows = holding_rows(holdings)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(HOLDINGS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::<Postgres>::new(
+                "INSERT INTO run_holdings
+                 (tenant, profile, key_name, run_id, resolved_at_ms, expires_at_ms) ",
+            );
+            qb.push_values(chunk, |mut row, h| {
+                row.push_bind(&h.tenant)
+                    .push_bind(&h.profile)
+                    .push_bind(&h.key)
+                    .push_bind(&h.run_id)
+                    .push_bind(h.resolved_at_ms)
+                    .push_bind(h.expires_at_ms);
+            });
+            qb.push(
+                " ON CONFLICT (tenant, profile, key_name, run_id) DO UPDATE SET
+                 resolved_at_ms = GREATEST(run_holdings.resolved_at_ms, EXCLUDED.resolved_at_ms),
+                 expires_at_ms = GREATEST(run_holdings.expires_at_ms, EXCLUDED.expires_at_ms)",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn runs_holding(
+        &self,
+        tenant: &str,
+        profile: &str,
+        key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(holders(&mut conn, tenant, profile, key, now_ms).await?)
+    }
+
+    async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM run_holdings WHERE expires_at_ms <= $1")
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 
     async fn sealed_versions(

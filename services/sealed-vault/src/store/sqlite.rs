@@ -14,13 +14,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::{
-    CURRENT_SELECT, ImportCounts, Lift, META_SELECT, MaterialColumns, NewRevocation,
-    PROFILE_COLUMNS, Profile, ProfileBundle, ProfileQuery, ProfileSpec, REVOCATION_COLUMNS,
-    RawCurrent, RawMeta, RawProfile, RawRevocation, RawVersion, RevocationQuery, Rewrapped,
-    SealedStore, SealedVersion, SecretMaterial, SecretMeta, SecretRevocation, SecretVersion,
-    SpecColumns, StoreError, StoreExport, Tenants, VERSION_COLUMNS, VersionId, assemble_export,
-    assemble_profiles, check_export, check_version, current_of, is_unique_violation,
-    new_revocation_id, revocation_of, to_i64, to_u64, version_of,
+    CURRENT_SELECT, HOLDINGS_PER_STATEMENT, Holding, ImportCounts, Lift, META_SELECT,
+    MaterialColumns, NewRevocation, PROFILE_COLUMNS, Profile, ProfileBundle, ProfileQuery,
+    ProfileSpec, REVOCATION_COLUMNS, RawCurrent, RawMeta, RawProfile, RawRevocation, RawVersion,
+    RevocationQuery, Rewrapped, SealedStore, SealedVersion, SecretMaterial, SecretMeta,
+    SecretRevocation, SecretVersion, SpecColumns, StoreError, StoreExport, Tenants,
+    VERSION_COLUMNS, VersionId, assemble_export, assemble_profiles, check_export, check_version,
+    current_of, holding_rows, is_unique_violation, new_revocation_id, revocation_of, to_i64,
+    to_u64, version_of,
 };
 
 const SCHEMA: &[&str] = &[
@@ -93,6 +94,19 @@ const SCHEMA: &[&str] = &[
         ON revocations (tenant, revoked_at_ms, id)",
     "CREATE INDEX IF NOT EXISTS revocations_in_force ON revocations (tenant, profile)
         WHERE lifted_at_ms IS NULL",
+    // Which runs resolved which keys. The primary key answers "the runs
+    // holding (tenant, profile[, key])"; without a rowid the table is that
+    // index, so the expiry it filters on is read from the same b-tree.
+    "CREATE TABLE IF NOT EXISTS run_holdings (
+        tenant TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        resolved_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, profile, key_name, run_id)
+    ) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS run_holdings_expiry ON run_holdings (expires_at_ms)",
 ];
 
 #[derive(Debug, Clone)]
@@ -324,6 +338,28 @@ async fn insert_revocation(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The runs holding `key` of a profile (`None`: any key), unexpired at `now_ms`.
+async fn holders(
+    conn: &mut SqliteConnection,
+    tenant: &str,
+    profile: &str,
+    key: Option<&str>,
+    now_ms: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut qb =
+        QueryBuilder::<Sqlite>::new("SELECT DISTINCT run_id FROM run_holdings WHERE tenant = ");
+    qb.push_bind(tenant)
+        .push(" AND profile = ")
+        .push_bind(profile);
+    if let Some(key) = key {
+        qb.push(" AND key_name = ").push_bind(key);
+    }
+    qb.push(" AND expires_at_ms > ")
+        .push_bind(now_ms)
+        .push(" ORDER BY run_id");
+    qb.build_query_scalar().fetch_all(conn).await
 }
 
 #[async_trait::async_trait]
@@ -740,7 +776,17 @@ impl SealedStore for SqliteStore {
                 });
             }
         }
-        let revocation = revocation_of(new_revocation_id(), r);
+        // The write lock, held since BEGIN IMMEDIATE, keeps every holding
+        // from committing until this transaction ends.
+        let affected = holders(
+            &mut tx,
+            &r.tenant,
+            &r.profile,
+            r.key.as_deref(),
+            r.revoked_at_ms,
+        )
+        .await?;
+        let revocation = revocation_of(new_revocation_id(), r, affected);
         insert_revocation(&mut tx, &revocation, false).await?;
         tx.commit().await?;
         Ok(revocation)
@@ -821,6 +867,57 @@ impl SealedStore for SqliteStore {
             .into_iter()
             .map(RawRevocation::decode)
             .collect()
+    }
+
+    async fn record_holdings(&self, holdings: &[Holding]) -> Result<(), StoreError> {
+        let rows = holding_rows(holdings)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for chunk in rows.chunks(HOLDINGS_PER_STATEMENT) {
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO run_holdings
+                 (tenant, profile, key_name, run_id, resolved_at_ms, expires_at_ms) ",
+            );
+            qb.push_values(chunk, |mut row, h| {
+                row.push_bind(&h.tenant)
+                    .push_bind(&h.profile)
+                    .push_bind(&h.key)
+                    .push_bind(&h.run_id)
+                    .push_bind(h.resolved_at_ms)
+                    .push_bind(h.expires_at_ms);
+            });
+            qb.push(
+                " ON CONFLICT (tenant, profile, key_name, run_id) DO UPDATE SET
+                 resolved_at_ms = MAX(resolved_at_ms, excluded.resolved_at_ms),
+                 expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms)",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn runs_holding(
+        &self,
+        tenant: &str,
+        profile: &str,
+        key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Ok(holders(&mut conn, tenant, profile, key, now_ms).await?)
+    }
+
+    async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM run_holdings WHERE expires_at_ms <= ?")
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 
     async fn sealed_versions(
