@@ -296,7 +296,9 @@ fn forms(v: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
 fn base64_cores(engine: &base64::engine::GeneralPurpose, v: &[u8]) -> Vec<Vec<u8>> {
     let mut cores = Vec::new();
     for align in 0..3usize {
-        let mut shifted = Zeroizing::new(vec![0u8; align]);
+        // Sized up front, as every buffer here: no outgrown copies.
+        let mut shifted = Zeroizing::new(Vec::with_capacity(align + v.len()));
+        shifted.resize(align, 0);
         shifted.extend_from_slice(v);
         let enc = Zeroizing::new(engine.encode(shifted.as_slice()).into_bytes());
         // Character j covers bits [6j, 6j + 6); keep those inside v's bits.
@@ -346,7 +348,8 @@ fn url_forms(v: &[u8]) -> Vec<Vec<u8>> {
 
 fn json_forms(v: &[u8]) -> Vec<Vec<u8>> {
     fn escape(v: &[u8], slash: bool, ascii: bool) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(v.len() + 8);
+        // At most 12 bytes per character (a surrogate pair), 6 per byte.
+        let mut out = Vec::with_capacity(v.len() * 6 + 8);
         let text = if ascii {
             Some(std::str::from_utf8(v).ok()?)
         } else {

@@ -610,8 +610,7 @@ impl Runner {
             entries.push((k, v.as_bytes()));
         }
         entries.push((ENV_JWT, req.run_jwt_svid.as_bytes()));
-        let mut input = shim::frame(entries);
-        input.extend_from_slice(&req.payload);
+        let input = shim::frame(entries, &req.payload);
         let redactor = Arc::new(Redactor::new(
             resolved
                 .secrets
@@ -769,9 +768,16 @@ impl Runner {
         sb: &Arc<Sandbox>,
         cause: ExitReason,
     ) -> Result<ScrubReport, Error> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "release_sandbox",
+            bulkhead.tenant = %sb.tenant,
+            bulkhead.run_id = %sb.run_id,
+            sandbox = %sb.id,
+        );
         let this = self.clone();
         let sb = sb.clone();
-        tokio::spawn(async move { this.release_now(&sb, cause).await })
+        tokio::spawn(async move { this.release_now(&sb, cause).await }.instrument(span))
             .await
             .map_err(Error::internal)?
     }

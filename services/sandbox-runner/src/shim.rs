@@ -45,19 +45,29 @@ pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
 
 /// Encodes the credential frame the shim reads: `BHI1`, the body's length
 /// (u32, big-endian), then per entry the key and the value, each preceded by
-/// its length. The frame holds values: it is zeroized when dropped.
-pub fn frame<'a>(entries: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Zeroizing<Vec<u8>> {
-    let mut body = Zeroizing::new(Vec::new());
-    for (k, v) in entries {
-        body.extend_from_slice(&len32(k.len()).to_be_bytes());
-        body.extend_from_slice(k.as_bytes());
-        body.extend_from_slice(&len32(v.len()).to_be_bytes());
-        body.extend_from_slice(v);
-    }
-    let mut out = Zeroizing::new(Vec::with_capacity(body.len() + 8));
+/// its length; then `trailer` (the payload, which the agent reads after the
+/// shim has taken its frame). Holds values, so it is zeroized when dropped,
+/// and sized up front: a growing vector would leave copies behind in the
+/// allocations it outgrew.
+pub fn frame<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a [u8])> + Clone,
+    trailer: &[u8],
+) -> Zeroizing<Vec<u8>> {
+    let body: usize = entries
+        .clone()
+        .into_iter()
+        .map(|(k, v)| 8 + k.len() + v.len())
+        .sum();
+    let mut out = Zeroizing::new(Vec::with_capacity(8 + body + trailer.len()));
     out.extend_from_slice(b"BHI1");
-    out.extend_from_slice(&len32(body.len()).to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&len32(body).to_be_bytes());
+    for (k, v) in entries {
+        out.extend_from_slice(&len32(k.len()).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&len32(v.len()).to_be_bytes());
+        out.extend_from_slice(v);
+    }
+    out.extend_from_slice(trailer);
     out
 }
 
@@ -73,11 +83,12 @@ mod tests {
 
     #[test]
     fn the_frame_layout() {
-        let f = frame([("A", &b"xy"[..])]);
+        let f = frame([("A", &b"xy"[..])], b"p");
         assert_eq!(
             f.as_slice(),
-            b"BHI1\0\0\0\x0b\0\0\0\x01A\0\0\0\x02xy".as_slice()
+            b"BHI1\0\0\0\x0b\0\0\0\x01A\0\0\0\x02xyp".as_slice()
         );
+        assert_eq!(f.capacity(), f.len(), "sized up front");
     }
 
     /// The real shim, on this host: the values reach the program's
@@ -100,8 +111,7 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn");
-        let mut input = frame([("K", &b"v a=l\nue"[..]), ("E", &b""[..])]).to_vec();
-        input.extend_from_slice(b"the payload");
+        let input = frame([("K", &b"v a=l\nue"[..]), ("E", &b""[..])], b"the payload");
         child
             .stdin
             .take()
@@ -109,7 +119,7 @@ mod tests {
             .write_all(&input)
             .expect("write");
         let out = child.wait_with_output().expect("wait");
-        assert!(out.status.success());
+        assert!(out.status.success(), "{out:?}");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "K=v a=l\nue\nE=\nthe payload"

@@ -332,8 +332,13 @@ impl Backend for DockerBackend {
             body,
         ))
         .await
-        .map_err(|e| match status_of(&e) {
-            Some(404) => BackendError::Missing(format!("image {}", spec.image)),
+        .map_err(|e| match (&e, status_of(&e)) {
+            (DockerError::DockerResponseServerError { message, .. }, Some(404))
+                if message.contains("network") =>
+            {
+                BackendError::Refused("a network of the policy does not exist on this host".into())
+            }
+            (_, Some(404)) => BackendError::Missing(format!("image {}", spec.image)),
             _ => unavailable(e),
         })?;
         let id = created.id;

@@ -1,0 +1,503 @@
+//! What the sandbox-runner's tests share: a real mesh of the five binaries
+//! with the runner configured for tests, the parties (operator, dispatcher,
+//! workers, runs), the test image built locally (no registry is reachable),
+//! and cleanup of every container a test's runner made.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use bulkhead_mesh::client::MeshChannel;
+use bulkhead_mesh::tls::Identity;
+use bulkhead_proto::audit::v1 as audit_pb;
+use bulkhead_proto::audit::v1::audit_service_client::AuditServiceClient;
+use bulkhead_proto::identity::v1 as id_pb;
+use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use bulkhead_proto::sandbox::v1 as pb;
+use bulkhead_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
+use bulkhead_proto::sealed::v1 as sealed_pb;
+use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceClient;
+use bulkhead_testkit::external::Missing;
+use bulkhead_testkit::mesh::TestMesh;
+use rcgen::{CertificateParams, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+pub const TD: &str = "spiffe://bulkhead.test";
+pub const SEALED_VAULT: &str = "spiffe://bulkhead.test/service/sealed-vault";
+pub const OPERATOR: &str = "admin/operator";
+pub const DISPATCHER: &str = "service/dispatcher";
+pub const AGENT: &str = "support-bot";
+/// The image the tests run, built from this host's binaries.
+pub const IMAGE: &str = "bulkhead-test-agent:latest";
+/// Bumped when the image's content changes, so that an older build is replaced.
+const IMAGE_VERSION: &str = "2";
+/// The prefix of every container and image a test makes.
+pub const PREFIX: &str = "bulkhead-test-";
+
+pub type Runner = SandboxServiceClient<MeshChannel>;
+
+/// Whether the Docker engine answers; skips loudly (or fails under
+/// `BULKHEAD_REQUIRE_EXTERNAL=1`) when it does not.
+pub fn docker_or_skip() -> anyhow::Result<bool> {
+    let ok = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Ok(true);
+    }
+    let skipped: Option<()> =
+        Missing::new("docker engine", "install docker.io and start dockerd").skip()?;
+    Ok(skipped.is_some())
+}
+
+/// Runs `docker args...`; its stdout.
+pub fn docker(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .context("failed to run docker")?;
+    ensure!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds [`IMAGE`] once (idempotent, and serialized across test processes
+/// by a file lock): `docker import` of a root filesystem made of this host's
+/// `sh`, coreutils and the libraries `ldd` names. No registry is involved.
+pub fn ensure_image() -> anyhow::Result<()> {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if *built {
+        return Ok(());
+    }
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("bulkhead-test-agent.lock"))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("lock: {e}"))?;
+    let label = "{{index .Config.Labels \"bulkhead.test.image\"}}";
+    if docker(&["image", "inspect", "--format", label, IMAGE])
+        .is_ok_and(|v| v.trim() == IMAGE_VERSION)
+    {
+        *built = true;
+        return Ok(());
+    }
+    // An older build of the image, replaced below.
+    let old = docker(&["image", "inspect", "--format", "{{.Id}}", IMAGE]).ok();
+    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
+    let root = dir.path().join("root");
+    for d in ["usr/bin", "tmp", "proc", "dev", "sys", "etc"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    let programs = [
+        "sh", "env", "cat", "base64", "sleep", "grep", "id", "ls", "echo", "true",
+    ];
+    let mut libs = std::collections::BTreeSet::new();
+    for p in programs {
+        let path = which(p)?;
+        let real = std::fs::canonicalize(&path)?;
+        std::fs::copy(&real, root.join("usr/bin").join(p))?;
+        let ldd = Command::new("ldd").arg(&real).output()?;
+        for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+            if word.starts_with('/') {
+                libs.insert(PathBuf::from(word));
+            }
+        }
+    }
+    for lib in libs {
+        let rel = lib.strip_prefix("/")?;
+        let dest = root.join(rel);
+        std::fs::create_dir_all(dest.parent().context("lib parent")?)?;
+        std::fs::copy(std::fs::canonicalize(&lib)?, &dest)?;
+    }
+    std::os::unix::fs::symlink("usr/bin", root.join("bin"))?;
+    // As in any image: the daemon copies the mode of /tmp onto the tmpfs.
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    let tar = dir.path().join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()?;
+    ensure!(status.success(), "tar failed");
+    docker(&[
+        "import",
+        "--change",
+        "ENV PATH=/usr/bin:/bin",
+        "--change",
+        &format!("LABEL bulkhead.test.image={IMAGE_VERSION}"),
+        tar.to_str().context("path")?,
+        IMAGE,
+    ])?;
+    if let Some(old) = old {
+        let _ = docker(&["rmi", old.trim()]);
+    }
+    *built = true;
+    Ok(())
+}
+
+fn which(p: &str) -> anyhow::Result<PathBuf> {
+    for d in ["/usr/bin", "/bin"] {
+        let path = Path::new(d).join(p);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    bail!("{p} not found on this host")
+}
+
+/// A test mesh and its runner's cleanup: at the end every container of the
+/// runner instance is removed, whatever the test did.
+pub struct Mesh {
+    pub mesh: TestMesh,
+    instance: String,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if self.instance.is_empty() {
+            return;
+        }
+        let filter = format!("label=bulkhead.runner.instance={}", self.instance);
+        if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
+            for id in ids.split_whitespace() {
+                let _ = docker(&["rm", "-f", "-v", id]);
+            }
+        }
+    }
+}
+
+/// Starts the five services; the runner allows the test image, two host
+/// programs for the process backend, and one network per name in `networks`.
+pub async fn start_mesh(networks: &[&str]) -> anyhow::Result<Mesh> {
+    let mut runner = toml::Table::new();
+    runner.insert("container_prefix".into(), "bulkhead-test-sbx-".into());
+    runner.insert(
+        "images".into(),
+        toml::Value::Array(vec!["bulkhead-test-agent:*".into()]),
+    );
+    runner.insert(
+        "programs".into(),
+        toml::Value::Array(vec!["/bin/sh".into(), "/usr/bin/env".into()]),
+    );
+    let mut nets = toml::Table::new();
+    for n in networks {
+        nets.insert((*n).into(), toml::Value::Array(vec!["acme".into()]));
+    }
+    runner.insert("networks".into(), toml::Value::Table(nets));
+    let mesh = TestMesh::start_with(|spec| {
+        spec.extra.insert("sandbox-runner".into(), runner);
+    })
+    .await?;
+    let instance = std::fs::read_to_string(mesh.dir().join("data/sandbox-runner/runner-instance"))
+        .context("the runner's instance id")?
+        .trim()
+        .to_owned();
+    Ok(Mesh { mesh, instance })
+}
+
+impl Mesh {
+    pub fn runner_as(&self, who: &str) -> anyhow::Result<Runner> {
+        Ok(SandboxServiceClient::new(
+            self.mesh
+                .channel("sandbox-runner", &self.mesh.identity(who)?)?,
+        ))
+    }
+
+    pub fn sealed_as(&self, who: &str) -> anyhow::Result<SealedVaultServiceClient<MeshChannel>> {
+        Ok(SealedVaultServiceClient::new(
+            self.mesh
+                .channel("sealed-vault", &self.mesh.identity(who)?)?,
+        ))
+    }
+
+    pub fn identity_as(&self, who: &str) -> anyhow::Result<IdentityServiceClient<MeshChannel>> {
+        Ok(IdentityServiceClient::new(
+            self.mesh.channel("identity", &self.mesh.identity(who)?)?,
+        ))
+    }
+
+    /// The containers this mesh's runner made, by id.
+    pub fn containers(&self) -> anyhow::Result<Vec<String>> {
+        let filter = format!("label=bulkhead.runner.instance={}", self.instance);
+        Ok(docker(&["ps", "-aq", "--no-trunc", "--filter", &filter])?
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Every service's log, concatenated.
+    pub fn all_logs(&self) -> String {
+        let mut s = String::new();
+        for name in bulkhead_cluster::SERVICES {
+            if let Some(p) = self.mesh.mesh.process(name) {
+                s.push_str(&std::fs::read_to_string(&p.log).unwrap_or_default());
+            }
+        }
+        s
+    }
+
+    pub fn runner_log(&self) -> String {
+        self.mesh
+            .mesh
+            .process("sandbox-runner")
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// A profile `tenant/default` with `DEBUG=1` and the given secrets.
+    pub async fn profile(&self, tenant: &str, secrets: &[(&str, &str)]) -> anyhow::Result<()> {
+        let mut op = self.sealed_as(OPERATOR)?;
+        op.create_profile(sealed_pb::CreateProfileRequest {
+            tenant: tenant.into(),
+            name: "default".into(),
+            spec: Some(sealed_pb::ProfileSpec {
+                env: [("DEBUG".to_owned(), "1".to_owned())].into_iter().collect(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("CreateProfile")?;
+        for (k, v) in secrets {
+            op.put_secret(sealed_pb::PutSecretRequest {
+                tenant: tenant.into(),
+                profile: "default".into(),
+                key: (*k).into(),
+                source: Some(sealed_pb::put_secret_request::Source::Value(
+                    v.as_bytes().to_vec().into(),
+                )),
+            })
+            .await
+            .context("PutSecret")?;
+        }
+        Ok(())
+    }
+
+    /// Every audit event.
+    pub async fn audit(&self) -> anyhow::Result<Vec<audit_pb::Event>> {
+        let mut client =
+            AuditServiceClient::new(self.mesh.channel("audit", &self.mesh.identity(OPERATOR)?)?);
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = client
+                .query(audit_pb::QueryRequest {
+                    after_sequence: after,
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            out.extend(page.events);
+            if page.next_after_sequence == 0 {
+                return Ok(out);
+            }
+            after = page.next_after_sequence;
+        }
+    }
+
+    /// Waits until audit holds an event of `kind` for `run`.
+    pub async fn audited(&self, kind: &str, run: &str) -> anyhow::Result<audit_pb::Event> {
+        for _ in 0..100 {
+            if let Some(e) = self
+                .audit()
+                .await?
+                .into_iter()
+                .find(|e| e.r#type == kind && e.run_id == run)
+            {
+                return Ok(e);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("no {kind} event for run {run} in audit")
+    }
+}
+
+/// A run as its worker holds it: its id, its X.509 identity, and a JWT-SVID
+/// for sealed-vault.
+pub struct Run {
+    pub id: String,
+    pub identity: Identity,
+    pub token: String,
+}
+
+/// The dispatcher has identity sign a CSR for the run (of `tenant`, or of
+/// `pool` when `tenant` is empty); the run then mints its JWT-SVID.
+pub async fn start_run(mesh: &Mesh, tenant: &str, pool: &str, run: &str) -> anyhow::Result<Run> {
+    let mut dispatcher = mesh.identity_as(DISPATCHER)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)?
+        .der()
+        .to_vec();
+    let svid = dispatcher
+        .mint_run_svid(id_pb::MintRunSvidRequest {
+            tenant: tenant.into(),
+            run_id: run.into(),
+            csr_der: csr.into(),
+            ttl: None,
+            worker_id: "w1".into(),
+            pool: pool.into(),
+        })
+        .await
+        .with_context(|| format!("MintRunSvid for {run}"))?
+        .into_inner()
+        .svid
+        .context("no svid")?;
+    let chain = svid
+        .cert_chain_der
+        .iter()
+        .map(|c| CertificateDer::from(c.to_vec()))
+        .collect();
+    let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let identity = Identity::from_der(chain, pkcs8, &svid.spiffe_id)?;
+    let token = IdentityServiceClient::new(mesh.mesh.channel("identity", &identity)?)
+        .mint_jwt_svid(id_pb::MintJwtSvidRequest {
+            audience: SEALED_VAULT.into(),
+            ..Default::default()
+        })
+        .await
+        .context("MintJwtSvid")?
+        .into_inner()
+        .token;
+    Ok(Run {
+        id: run.into(),
+        identity,
+        token,
+    })
+}
+
+/// The cascade of a run: the tenant's `default` profile at the system level.
+pub fn cascade(tenant: &str) -> sealed_pb::Cascade {
+    sealed_pb::Cascade {
+        system: Some(sealed_pb::CascadeLevel {
+            profile: Some(sealed_pb::ProfileRef {
+                tenant: tenant.into(),
+                profile: "default".into(),
+            }),
+            overrides: Default::default(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A StartSandbox request for `run` of `tenant` running `command` in `image`.
+pub fn start_request(
+    tenant: &str,
+    run: &Run,
+    image: &str,
+    command: &[&str],
+    backend: pb::SandboxBackend,
+) -> pb::StartSandboxRequest {
+    pb::StartSandboxRequest {
+        tenant: tenant.into(),
+        run_jwt_svid: run.token.clone(),
+        task_id: format!("task-{}", run.id),
+        image: image.into(),
+        command: command.iter().map(|s| (*s).to_owned()).collect(),
+        cascade: (!tenant.is_empty()).then(|| cascade(tenant)),
+        agent: AGENT.into(),
+        payload: b"the task payload".to_vec().into(),
+        limits: Some(pb::Limits {
+            memory_bytes: 128 << 20,
+            cpu_millis: 500,
+            pids: 64,
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        }),
+        backend: backend as i32,
+        ..Default::default()
+    }
+}
+
+/// Everything a sandbox wrote (stdout, stderr) and how it ended.
+pub async fn collect(
+    runner: &mut Runner,
+    tenant: &str,
+    sandbox: &str,
+) -> anyhow::Result<(String, String, pb::ExitStatus)> {
+    let mut stream = runner
+        .stream_output(pb::StreamOutputRequest {
+            tenant: tenant.into(),
+            sandbox_id: sandbox.into(),
+            from_offset: 0,
+        })
+        .await?
+        .into_inner();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let read = async {
+        while let Some(m) = stream.message().await? {
+            match m.event {
+                Some(pb::stream_output_response::Event::Chunk(c)) => {
+                    if c.stream == pb::OutputStream::Stderr as i32 {
+                        err.extend_from_slice(&c.data);
+                    } else {
+                        out.extend_from_slice(&c.data);
+                    }
+                }
+                Some(pb::stream_output_response::Event::Exit(e)) => return Ok(e),
+                None => {}
+            }
+        }
+        bail!("the output stream ended without an exit")
+    };
+    let exit = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .context("the sandbox did not end")??;
+    Ok((
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        exit,
+    ))
+}
+
+/// A canary value no one would write by chance.
+pub fn canary() -> String {
+    format!("CANARY-{}", hex_of(&rand::random::<[u8; 12]>()))
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Whether `haystack` holds `canary` or its base64 (either alphabet).
+pub fn leaks(haystack: &str, canary: &str) -> bool {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(canary);
+    // The first characters of its base64, which do not depend on what follows.
+    let core = &b64[..b64.len() - 2];
+    haystack.contains(canary) || haystack.contains(core)
+}
+
+/// Files under `dir`, recursively, that hold `needle`.
+pub fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            found.extend(files_holding(&p, needle));
+        } else if std::fs::read(&p)
+            .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        {
+            found.push(p);
+        }
+    }
+    found
+}
