@@ -606,3 +606,74 @@ async fn a_tenant_revocation_kills_every_sandbox_of_the_tenant_and_no_other() ->
     assert!(gone, "every container was removed");
     Ok(())
 }
+
+#[tokio::test]
+async fn limits_end_a_sandbox() -> anyhow::Result<()> {
+    let Some(mesh) = setup(&[]).await? else {
+        return Ok(());
+    };
+    mesh.profile("acme", &[("API_KEY", &canary())]).await?;
+    let mut worker = mesh.runner_as(ACME_WORKER)?;
+    // Memory: a shell string that doubles until the limit.
+    let run = start_run(&mesh, "acme", "", "run-oom").await?;
+    let mut req = start_request(
+        "acme",
+        &run,
+        IMAGE,
+        &["sh", "-c", "a=aaaaaaaaaaaaaaaa; while :; do a=$a$a; done"],
+        pb::SandboxBackend::Docker,
+    );
+    req.limits = Some(pb::Limits {
+        memory_bytes: 16 << 20,
+        ..Default::default()
+    });
+    let sb = worker
+        .start_sandbox(req)
+        .await?
+        .into_inner()
+        .sandbox
+        .expect("sandbox");
+    let (_, _, exit) = collect(&mut worker, "acme", &sb.sandbox_id).await?;
+    assert_eq!(exit.reason(), pb::ExitReason::OomKilled, "{exit:?}");
+    // Wall clock: killed at the end of its timeout.
+    let run = start_run(&mesh, "acme", "", "run-timeout").await?;
+    let mut req = start_request(
+        "acme",
+        &run,
+        IMAGE,
+        &["sleep", "300"],
+        pb::SandboxBackend::Docker,
+    );
+    req.limits = Some(pb::Limits {
+        timeout: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let at = Instant::now();
+    let timed = worker
+        .start_sandbox(req)
+        .await?
+        .into_inner()
+        .sandbox
+        .expect("sandbox");
+    let (_, _, exit) = collect(&mut worker, "acme", &timed.sandbox_id).await?;
+    assert_eq!(exit.reason(), pb::ExitReason::TimedOut, "{exit:?}");
+    assert!(at.elapsed() < Duration::from_secs(5), "{:?}", at.elapsed());
+    assert_eq!(
+        timed.limits.expect("limits").memory_bytes,
+        512 << 20,
+        "the default applies"
+    );
+    for id in [sb.sandbox_id, timed.sandbox_id] {
+        worker
+            .release_sandbox(pb::ReleaseSandboxRequest {
+                tenant: "acme".into(),
+                sandbox_id: id,
+            })
+            .await?;
+    }
+    assert!(mesh.containers()?.is_empty());
+    Ok(())
+}

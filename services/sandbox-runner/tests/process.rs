@@ -102,7 +102,7 @@ async fn a_revoked_process_sandbox_is_killed_with_its_children() -> anyhow::Resu
             "acme",
             &run,
             "/bin/sh",
-            &["-c", "sleep 300 & echo started $!; wait"],
+            &["sh", "-c", "sleep 300 & echo started $!; wait"],
             pb::SandboxBackend::Process,
         ))
         .await?

@@ -44,8 +44,9 @@ pub struct LaunchSpec {
     pub run_id: String,
     /// Docker: the image. Process: the program.
     pub image: String,
-    /// Docker: the agent's argv (empty: the image's entrypoint and cmd).
-    /// Process: the program's arguments.
+    /// The agent's argv. Docker: empty runs the image's entrypoint and cmd.
+    /// Process: `image` is executed with this argv (argv[0] becomes the
+    /// program's path); empty runs it without arguments.
     pub command: Vec<String>,
     pub limits: Limits,
     pub network: Network,

@@ -101,9 +101,11 @@ impl Backend for ProcessBackend {
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             })
             .map_err(|e| BackendError::Unavailable(format!("sandbox directory: {e}")))?;
+        // The agent's argv is the request's, but its argv[0] is the program
+        // path: the shim execs its first argument under that name.
         let spawned = tokio::process::Command::new(&spec.shim)
             .arg(&spec.image)
-            .args(&spec.command)
+            .args(spec.command.iter().skip(1))
             .env_clear()
             .env("PATH", &self.path_env)
             .env("HOME", &dir)
