@@ -91,7 +91,11 @@ async fn main() -> anyhow::Result<()> {
         instance,
         config: config.clone(),
     });
-    runner.remove_orphans().await;
+    // In the background: a slow engine must not hold up serving.
+    tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.remove_orphans().await }
+    });
     let stop = CancellationToken::new();
     tokio::spawn(revocation::follow(
         revocations.clone(),

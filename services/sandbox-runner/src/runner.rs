@@ -221,16 +221,52 @@ impl Runner {
         }
     }
 
-    /// Removes containers an earlier life of this runner left behind.
+    /// Removes containers an earlier life of this runner left behind (a
+    /// crash), and finishes their scrub: their runs' identities are revoked
+    /// and `sandbox.scrubbed` is recorded. The credentials died with that
+    /// process.
     pub async fn remove_orphans(&self) {
-        if let Some(d) = &self.inner.docker {
-            match d.remove_orphans().await {
-                Ok(0) => {}
-                Ok(n) => tracing::warn!(
-                    removed = n,
-                    "removed sandboxes left by an earlier run of this runner"
-                ),
-                Err(e) => tracing::info!(error = %e, "docker engine not reachable at startup"),
+        let Some(d) = &self.inner.docker else { return };
+        let orphans = match d.remove_orphans().await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::info!(error = %e, "docker engine not reachable at startup");
+                return;
+            }
+        };
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            removed = orphans.len(),
+            "removed sandboxes left by an earlier run of this runner"
+        );
+        for o in orphans.into_iter().filter(|o| !o.run_id.is_empty()) {
+            let mut identity = self.inner.peers.identity.clone();
+            let revoked = identity
+                .revoke(id_pb::RevokeRequest {
+                    tenant: o.tenant.clone(),
+                    target: Some(id_pb::revoke_request::Target::RunId(o.run_id.clone())),
+                    reason: format!("sandbox {} orphaned by a runner restart", o.sandbox_id),
+                    hard: false,
+                })
+                .await
+                .is_ok();
+            let event = audit::event(
+                "sandbox.scrubbed",
+                &o.tenant,
+                &o.run_id,
+                Outcome::Success,
+                [
+                    ("sandbox_id", o.sandbox_id.clone()),
+                    ("cause", "orphaned".to_owned()),
+                    ("sandbox_destroyed", "true".to_owned()),
+                    ("run_identity_revoked", revoked.to_string()),
+                    ("runner", self.inner.self_id.clone()),
+                ],
+            );
+            if let Err(e) = self.record(event).await {
+                tracing::error!(sandbox = %o.sandbox_id, error = %e, "could not record the scrub of an orphaned sandbox");
             }
         }
     }

@@ -677,3 +677,46 @@ async fn limits_end_a_sandbox() -> anyhow::Result<()> {
     assert!(mesh.containers()?.is_empty());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_crashed_runner_leaves_no_sandbox_behind() -> anyhow::Result<()> {
+    let Some(mut mesh) = setup(&[]).await? else {
+        return Ok(());
+    };
+    mesh.profile("acme", &[("API_KEY", &canary())]).await?;
+    let run = start_run(&mesh, "acme", "", "run-crash").await?;
+    let mut worker = mesh.runner_as(ACME_WORKER)?;
+    worker
+        .start_sandbox(start_request(
+            "acme",
+            &run,
+            IMAGE,
+            &["sleep", "300"],
+            pb::SandboxBackend::Docker,
+        ))
+        .await?;
+    assert_eq!(mesh.containers()?.len(), 1);
+    // SIGKILL: no shutdown path runs. The restarted runner removes what its
+    // earlier life left (a sandbox is never reused).
+    let runner = mesh
+        .mesh
+        .mesh
+        .process_mut("sandbox-runner")
+        .expect("runner");
+    runner.kill().await;
+    mesh.mesh.mesh.restart("sandbox-runner").await?;
+    let mut gone = false;
+    for _ in 0..100 {
+        if mesh.containers()?.is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the orphaned sandbox was removed");
+    assert!(
+        mesh.runner_log()
+            .contains("removed sandboxes left by an earlier run")
+    );
+    Ok(())
+}

@@ -55,6 +55,14 @@ pub struct DockerSettings {
     pub instance: String,
 }
 
+/// A container an earlier life of the runner left, as its labels say.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub sandbox_id: String,
+    pub run_id: String,
+    pub tenant: String,
+}
+
 /// Runs sandboxes as Docker containers.
 #[derive(Debug)]
 pub struct DockerBackend {
@@ -114,8 +122,8 @@ impl DockerBackend {
     }
 
     /// Removes containers left by an earlier life of this runner instance (a
-    /// crash): a sandbox is never reused. Returns how many were removed.
-    pub async fn remove_orphans(&self) -> Result<usize, BackendError> {
+    /// crash): a sandbox is never reused. Returns those removed.
+    pub async fn remove_orphans(&self) -> Result<Vec<Orphan>, BackendError> {
         let docker = self.client().await?;
         let filters = HashMap::from([(
             "label",
@@ -131,11 +139,17 @@ impl DockerBackend {
         )
         .await
         .map_err(unavailable)?;
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for c in list {
             let Some(id) = c.id else { continue };
+            let labels = c.labels.unwrap_or_default();
+            let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
             match remove(&docker, &id).await {
-                Ok(()) => removed += 1,
+                Ok(()) => removed.push(Orphan {
+                    sandbox_id: label(LABEL_SANDBOX),
+                    run_id: label(LABEL_RUN),
+                    tenant: label(LABEL_TENANT),
+                }),
                 Err(e) => {
                     tracing::warn!(container = %id, error = %e, "could not remove an orphaned sandbox")
                 }
