@@ -950,6 +950,9 @@ impl Runner {
             for sb in self.inner.registry.covered_by(r) {
                 // The kill does not wait for audit or for the lifecycle lock.
                 sb.request_stop(ExitReason::Revoked);
+                if !sb.claim_abort() {
+                    continue;
+                }
                 tracing::warn!(sandbox = %sb.id, tenant = %sb.tenant, run = %sb.run_id, revocation = r.sequence, "killing a sandbox on a hard revocation");
                 let this = self.clone();
                 let r = r.clone();

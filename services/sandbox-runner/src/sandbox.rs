@@ -96,6 +96,8 @@ pub struct Sandbox {
     pub life: tokio::sync::Mutex<Life>,
     stop: CancellationToken,
     stop_reason: Mutex<Option<ExitReason>>,
+    /// Set by the first revocation that covers it: one abort per sandbox.
+    aborting: std::sync::atomic::AtomicBool,
 }
 
 /// What a new sandbox is made from.
@@ -143,6 +145,12 @@ impl Sandbox {
         } else {
             None
         }
+    }
+
+    /// True for the first caller only: several revocation entries (a worker
+    /// and its runs) may cover one sandbox, which is aborted once.
+    pub fn claim_abort(&self) -> bool {
+        !self.aborting.swap(true, Ordering::AcqRel)
     }
 
     pub fn hold_secrets(&self, secrets: Secrets) {
@@ -265,6 +273,7 @@ impl Registry {
             life: tokio::sync::Mutex::new(Life::default()),
             stop: CancellationToken::new(),
             stop_reason: Mutex::new(None),
+            aborting: std::sync::atomic::AtomicBool::new(false),
         });
         map.insert(id, sb.clone());
         Ok(sb)

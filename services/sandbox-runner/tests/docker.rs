@@ -720,3 +720,122 @@ async fn a_crashed_runner_leaves_no_sandbox_behind() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_and_secret_hard_revocations_kill_their_sandboxes() -> anyhow::Result<()> {
+    let Some(mesh) = setup(&[]).await? else {
+        return Ok(());
+    };
+    mesh.profile("acme", &[("API_KEY", &canary())]).await?;
+    let mut operator = mesh.runner_as(OPERATOR)?;
+    let sleep = |run: &Run| {
+        start_request(
+            "acme",
+            run,
+            IMAGE,
+            &["sleep", "300"],
+            pb::SandboxBackend::Docker,
+        )
+    };
+
+    // A worker enrolled at identity, revoked hard: its sandbox dies with it.
+    let (worker_id, worker_identity) = enroll_worker(&mesh, "acme").await?;
+    let run = start_run_on(&mesh, "acme", "", "run-of-worker", &worker_id).await?;
+    let mut enrolled =
+        bulkhead_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient::new(
+            mesh.mesh.channel("sandbox-runner", &worker_identity)?,
+        );
+    let sb = enrolled
+        .start_sandbox(sleep(&run))
+        .await?
+        .into_inner()
+        .sandbox
+        .expect("sandbox");
+    assert_eq!(sb.worker_id, worker_id);
+    let mut watch = operator
+        .stream_output(pb::StreamOutputRequest {
+            tenant: "acme".into(),
+            sandbox_id: sb.sandbox_id.clone(),
+            from_offset: 0,
+        })
+        .await?
+        .into_inner();
+    mesh.identity_as(OPERATOR)?
+        .revoke(id_pb::RevokeRequest {
+            tenant: "acme".into(),
+            target: Some(id_pb::revoke_request::Target::WorkerId(worker_id.clone())),
+            reason: "test: host compromised".into(),
+            hard: true,
+        })
+        .await?;
+    let at = Instant::now();
+    let exit = exit_of(&mut watch).await?;
+    assert!(at.elapsed() < Duration::from_secs(1), "{:?}", at.elapsed());
+    assert_eq!(exit.reason(), pb::ExitReason::Revoked);
+    let e = mesh.audited("run.aborted_by_revocation", &run.id).await?;
+    // Identity revokes the worker's runs with it; either entry may come first.
+    let by = &e.attributes["revoked"];
+    assert!(
+        *by == format!("worker:{worker_id}") || *by == format!("run:{}", run.id),
+        "{by}"
+    );
+    mesh.audited("sandbox.scrubbed", &run.id).await?;
+    let aborts = mesh
+        .audit()
+        .await?
+        .into_iter()
+        .filter(|e| e.r#type == "run.aborted_by_revocation" && e.run_id == run.id)
+        .count();
+    assert_eq!(aborts, 1, "one abort per sandbox");
+
+    // A secret revoked hard at sealed-vault: the runs holding it are revoked
+    // at identity, and their sandboxes die.
+    let run = start_run(&mesh, "acme", "", "run-holding-key").await?;
+    let mut worker = mesh.runner_as(ACME_WORKER)?;
+    let sb = worker
+        .start_sandbox(sleep(&run))
+        .await?
+        .into_inner()
+        .sandbox
+        .expect("sandbox");
+    let mut watch = worker
+        .stream_output(pb::StreamOutputRequest {
+            tenant: "acme".into(),
+            sandbox_id: sb.sandbox_id.clone(),
+            from_offset: 0,
+        })
+        .await?
+        .into_inner();
+    let revoked = mesh
+        .sealed_as(OPERATOR)?
+        .revoke_secret(bulkhead_proto::sealed::v1::RevokeSecretRequest {
+            tenant: "acme".into(),
+            profile: "default".into(),
+            key: "API_KEY".into(),
+            hard: true,
+            reason: "test: key leaked".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(revoked.affected_run_ids.contains(&run.id), "{revoked:?}");
+    let at = Instant::now();
+    let exit = exit_of(&mut watch).await?;
+    assert!(at.elapsed() < Duration::from_secs(1), "{:?}", at.elapsed());
+    assert_eq!(exit.reason(), pb::ExitReason::Revoked);
+    mesh.audited("run.aborted_by_revocation", &run.id).await?;
+    // And the next start of a run needing the key fails closed.
+    let next = start_run(&mesh, "acme", "", "run-after-revocation").await?;
+    let e = worker
+        .start_sandbox(sleep(&next))
+        .await
+        .expect_err("revoked key");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for _ in 0..50 {
+        if mesh.containers()?.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(mesh.containers()?.is_empty());
+    Ok(())
+}

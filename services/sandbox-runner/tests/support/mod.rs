@@ -336,6 +336,17 @@ pub struct Run {
 /// The dispatcher has identity sign a CSR for the run (of `tenant`, or of
 /// `pool` when `tenant` is empty); the run then mints its JWT-SVID.
 pub async fn start_run(mesh: &Mesh, tenant: &str, pool: &str, run: &str) -> anyhow::Result<Run> {
+    start_run_on(mesh, tenant, pool, run, "w1").await
+}
+
+/// [`start_run`] for the worker `worker`.
+pub async fn start_run_on(
+    mesh: &Mesh,
+    tenant: &str,
+    pool: &str,
+    run: &str,
+    worker: &str,
+) -> anyhow::Result<Run> {
     let mut dispatcher = mesh.identity_as(DISPATCHER)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let csr = CertificateParams::default()
@@ -348,7 +359,7 @@ pub async fn start_run(mesh: &Mesh, tenant: &str, pool: &str, run: &str) -> anyh
             run_id: run.into(),
             csr_der: csr.into(),
             ttl: None,
-            worker_id: "w1".into(),
+            worker_id: worker.into(),
             pool: pool.into(),
         })
         .await
@@ -500,4 +511,65 @@ pub fn files_holding(dir: &Path, needle: &str) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// A worker enrolled at identity with a join token of `tenant`: its id and
+/// its identity (the key made here, as a worker makes it).
+pub async fn enroll_worker(mesh: &Mesh, tenant: &str) -> anyhow::Result<(String, Identity)> {
+    let token = mesh
+        .identity_as(OPERATOR)?
+        .create_join_token(id_pb::CreateJoinTokenRequest {
+            tenant: tenant.into(),
+            description: "sandbox-runner test".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .token;
+    let (_, bundle) = mesh.mesh.mesh.operator();
+    let anonymous = bulkhead_mesh::client::channel(
+        mesh.mesh.addr("identity")?,
+        None,
+        bundle,
+        bulkhead_mesh::tls::ExpectServer::Service("identity".into()),
+    )?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)?
+        .der()
+        .to_vec();
+    let enrolled = IdentityServiceClient::new(anonymous)
+        .enroll_worker(id_pb::EnrollWorkerRequest {
+            join_token: token,
+            csr_der: csr.into(),
+            worker_name: "sandbox-test".into(),
+        })
+        .await?
+        .into_inner();
+    let svid = enrolled.svid.context("no svid")?;
+    let chain = svid
+        .cert_chain_der
+        .iter()
+        .map(|c| CertificateDer::from(c.to_vec()))
+        .collect();
+    let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((
+        enrolled.worker_id,
+        Identity::from_der(chain, pkcs8, &svid.spiffe_id)?,
+    ))
+}
+
+/// Waits for the exit message of an output stream.
+pub async fn exit_of(
+    stream: &mut tonic::Streaming<pb::StreamOutputResponse>,
+) -> anyhow::Result<pb::ExitStatus> {
+    loop {
+        match stream.message().await? {
+            Some(pb::StreamOutputResponse {
+                event: Some(pb::stream_output_response::Event::Exit(e)),
+            }) => return Ok(e),
+            Some(_) => {}
+            None => bail!("the stream ended without an exit"),
+        }
+    }
 }
