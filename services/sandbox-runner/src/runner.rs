@@ -190,6 +190,12 @@ impl Runner {
                 c.process_path.clone(),
             ))
         });
+        // Docker refuses more CPUs than the host has: the maximum is the host's.
+        let mut limits = c.limits.clone();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let host_millis = u32::try_from(cores * 1000).unwrap_or(u32::MAX);
+        limits.max_cpu_millis = limits.max_cpu_millis.min(host_millis);
+        limits.default_cpu_millis = limits.default_cpu_millis.min(limits.max_cpu_millis);
         let audience = parts
             .trust_domain
             .join(["service", "sealed-vault"])
@@ -204,7 +210,7 @@ impl Runner {
                     images: c.images.clone(),
                     programs: c.programs.clone(),
                     networks: c.networks.clone(),
-                    limits: c.limits.clone(),
+                    limits,
                 },
                 trust_domain: parts.trust_domain,
                 audience,

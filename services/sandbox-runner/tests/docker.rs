@@ -416,6 +416,15 @@ async fn refusals_leave_nothing_running() -> anyhow::Result<()> {
     let e = worker.start_sandbox(r).await.expect_err("bad limits");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("limits.memory_bytes"), "{e:?}");
+    // More CPU than the host has.
+    let mut r = req(&acme_run);
+    r.limits = Some(pb::Limits {
+        cpu_millis: 1000 * 1024,
+        ..Default::default()
+    });
+    let e = worker.start_sandbox(r).await.expect_err("too many cpus");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("limits.cpu_millis"), "{e:?}");
     // A key the cascade lacks, from sealed-vault.
     let mut r = req(&acme_run);
     r.secret_keys = vec!["NOT_THERE".into()];

@@ -353,6 +353,10 @@ impl Backend for DockerBackend {
                 BackendError::Refused("a network of the policy does not exist on this host".into())
             }
             (_, Some(404)) => BackendError::Missing(format!("image {}", spec.image)),
+            // The configuration holds no credential, so its refusal may be shown.
+            (DockerError::DockerResponseServerError { message, .. }, Some(400)) => {
+                BackendError::Refused(format!("the engine refused the sandbox: {message}"))
+            }
             _ => unavailable(e),
         })?;
         let id = created.id;
