@@ -4,7 +4,7 @@
 use bulkhead_mesh::error::Error;
 use bulkhead_proto::dispatcher::v1 as pb;
 use bulkhead_proto::sealed::v1 as sealed;
-use prost::Message as _;
+use prost::Message;
 
 use crate::model::{AgentRow, Labels, Scope, TaskRow, WorkerRow};
 
@@ -196,8 +196,7 @@ pub struct EnqueueSpec {
 }
 
 pub fn enqueue_spec(req: pb::EnqueueRequest, max_payload: usize) -> Result<EnqueueSpec, Error> {
-    use sha2::Digest as _;
-    let request_hash = sha2::Sha256::digest(req.encode_to_vec()).to_vec();
+    let request_hash = request_hash(&req);
     let scope = Scope::from_columns(&req.tenant, &req.pool)
         .ok_or_else(|| Error::invalid("tenant", "exactly one of tenant and pool must be set"))?;
     agent_name("agent", &req.agent)?;
@@ -255,6 +254,67 @@ pub fn enqueue_spec(req: pb::EnqueueRequest, max_payload: usize) -> Result<Enque
         max_attempts,
         request_hash,
     })
+}
+
+/// SHA-256 over a canonical form of the request. Protobuf maps encode in no
+/// fixed order (labels, cascade overrides), so the wire bytes of one request
+/// sent twice may differ; this hashes every field with the maps sorted.
+pub fn request_hash(req: &pb::EnqueueRequest) -> Vec<u8> {
+    use sha2::Digest as _;
+    fn put(h: &mut sha2::Sha256, bytes: &[u8]) {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    }
+    let mut h = sha2::Sha256::new();
+    put(&mut h, b"bulkhead.dispatcher.v1.EnqueueRequest/1");
+    put(&mut h, req.tenant.as_bytes());
+    put(&mut h, req.pool.as_bytes());
+    put(&mut h, req.agent.as_bytes());
+    put(&mut h, req.agent_version.as_bytes());
+    let labels: std::collections::BTreeMap<&String, &String> = req.labels.iter().collect();
+    put(&mut h, &(labels.len() as u64).to_be_bytes());
+    for (k, v) in labels {
+        put(&mut h, k.as_bytes());
+        put(&mut h, v.as_bytes());
+    }
+    match &req.cascade {
+        None => put(&mut h, b"-"),
+        Some(c) => {
+            for level in [&c.system, &c.agent, &c.run] {
+                match level {
+                    None => put(&mut h, b"-"),
+                    Some(l) => {
+                        put(&mut h, b"+");
+                        put(
+                            &mut h,
+                            &l.profile
+                                .as_ref()
+                                .map(Message::encode_to_vec)
+                                .unwrap_or_default(),
+                        );
+                        let overrides: std::collections::BTreeMap<_, _> =
+                            l.overrides.iter().collect();
+                        put(&mut h, &(overrides.len() as u64).to_be_bytes());
+                        for (k, v) in overrides {
+                            put(&mut h, k.as_bytes());
+                            put(&mut h, &v.encode_to_vec());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    put(&mut h, &req.payload);
+    put(&mut h, &req.priority.to_be_bytes());
+    put(&mut h, req.idempotency_key.as_bytes());
+    put(
+        &mut h,
+        &req.timeout
+            .map(|d| Message::encode_to_vec(&d))
+            .unwrap_or_default(),
+    );
+    put(&mut h, &req.max_attempts.to_be_bytes());
+    h.finalize().to_vec()
 }
 
 /// A report's summary, bounded (cut at a char boundary).
@@ -438,6 +498,34 @@ mod tests {
                 .to_string()
                 .contains("max_attempts")
         );
+    }
+
+    #[test]
+    fn the_request_hash_ignores_map_order_and_sees_every_field() {
+        let labels: Vec<(String, String)> = (0..16)
+            .map(|i| (format!("k{i}"), format!("v{i}")))
+            .collect();
+        let a = pb::EnqueueRequest {
+            tenant: "acme".into(),
+            agent: "coder".into(),
+            labels: labels.iter().cloned().collect(),
+            ..Default::default()
+        };
+        let b = pb::EnqueueRequest {
+            labels: labels.iter().rev().cloned().collect(),
+            ..a.clone()
+        };
+        assert_eq!(request_hash(&a), request_hash(&b));
+        let c = pb::EnqueueRequest {
+            payload: b"x".to_vec().into(),
+            ..a.clone()
+        };
+        assert_ne!(request_hash(&a), request_hash(&c));
+        let d = pb::EnqueueRequest {
+            priority: 1,
+            ..a.clone()
+        };
+        assert_ne!(request_hash(&a), request_hash(&d));
     }
 
     #[test]

@@ -188,9 +188,12 @@ impl Engine {
     pub fn cancel_lease(&self, task: &TaskRow, reason: pb::CancelReason, why: &str) {
         let cancel = cancel_msg(&task.task_id, task.attempt, task.lease_epoch, reason, why);
         if !self.send_to(&task.worker_id, cancel) {
-            self.inner
-                .wake
-                .publish_cancel(&task.worker_id, &task.task_id, task.lease_epoch);
+            self.inner.wake.publish_cancel(
+                &task.worker_id,
+                &task.task_id,
+                task.attempt,
+                task.lease_epoch,
+            );
         }
     }
 
@@ -248,11 +251,12 @@ impl Engine {
             Message::Cancel {
                 worker_id,
                 task_id,
+                attempt,
                 lease_epoch,
             } => {
                 let cancel = cancel_msg(
                     &task_id,
-                    0,
+                    attempt,
                     lease_epoch,
                     pb::CancelReason::Requested,
                     "the task was cancelled",
@@ -782,11 +786,10 @@ impl Engine {
         if !registered {
             return Ok(false);
         }
-        let leases: Vec<(String, u64)> = hb
-            .leases
-            .into_iter()
-            .take(1024)
-            .map(|l| (l.task_id, l.lease_epoch))
+        let listed: Vec<pb::HeldLease> = hb.leases.into_iter().take(1024).collect();
+        let leases: Vec<(String, u64)> = listed
+            .iter()
+            .map(|l| (l.task_id.clone(), l.lease_epoch))
             .collect();
         if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(&who.worker_id) {
             c.held = u32::try_from(leases.len()).unwrap_or(u32::MAX);
@@ -796,11 +799,17 @@ impl Engine {
             .await
             .map_err(|e| Error::unavailable("storage", e))?;
         for (task_id, epoch) in lost {
+            // The worker matches a cancel on (task, attempt, epoch): name the
+            // attempt it listed.
+            let attempt = listed
+                .iter()
+                .find(|l| l.task_id == task_id && l.lease_epoch == epoch)
+                .map_or(0, |l| l.attempt);
             self.send_to(
                 &who.worker_id,
                 cancel_msg(
                     &task_id,
-                    0,
+                    attempt,
                     epoch,
                     pb::CancelReason::LeaseExpired,
                     "the lease is no longer held",
@@ -890,14 +899,43 @@ impl Engine {
                 }
                 self.changed(&after.task_id);
             }
-            Finished::Repeat(_) => ack.accepted = true,
+            // The lease was released (lapsed, reset, cancelled) between the
+            // check above and the update: the completion recorded above did
+            // not take effect, and the log says so.
+            Finished::Repeat(t) => {
+                self.record_superseded(who, &t, r.lease_epoch).await;
+                ack.accepted = true;
+            }
             Finished::Stale(t) => {
-                self.record_stale(who, &t, r.lease_epoch).await;
+                self.record_superseded(who, &t, r.lease_epoch).await;
                 ack.rejection = pb::ReportRejection::StaleLease as i32;
             }
             Finished::Unknown => ack.rejection = pb::ReportRejection::UnknownTask as i32,
         }
         Ok(ack)
+    }
+
+    async fn record_superseded(&self, who: &WorkerIdent, task: &TaskRow, epoch: u64) {
+        let (tenant, _) = task.scope.columns();
+        let ev = event(
+            "task.report_superseded",
+            tenant,
+            &task.run_id,
+            AuditOutcome::Failure,
+            [
+                ("task_id", task.task_id.clone()),
+                ("worker_id", who.worker_id.clone()),
+                ("reported_epoch", epoch.to_string()),
+                ("status", task.status.as_str().to_owned()),
+                (
+                    "reason",
+                    "the lease was released before the report was applied".to_owned(),
+                ),
+            ],
+        );
+        if let Err(e) = self.inner.audit.record_one(ev).await {
+            tracing::warn!(error = %e, task = %task.task_id, "could not record a superseded report");
+        }
     }
 
     async fn record_stale(&self, who: &WorkerIdent, task: &TaskRow, epoch: u64) {

@@ -871,12 +871,15 @@ impl DispatcherService for DispatcherApi {
                 ],
             ))
             .await?;
-        // Nothing new reaches them while their work is taken back.
-        self.engine.drain_local(&ids, &r.reason);
+        // Their work is taken back first, then they are told to drain: a run
+        // the drain stops reports after its lease is gone, so the report is
+        // acknowledged and changes nothing (the task stays queued for its
+        // next attempt instead of failing as cancelled).
         let released = store
             .release_workers_tasks(&ids, "pool reset", now_ms())
             .await
             .map_err(storage)?;
+        self.engine.drain_local(&ids, &r.reason);
         let mut revoked = BTreeSet::new();
         let mut requeued = Vec::new();
         for rel in &released {

@@ -24,6 +24,7 @@ pub enum Message {
     Cancel {
         worker_id: String,
         task_id: String,
+        attempt: u32,
         lease_epoch: u64,
     },
     Evict {
@@ -39,8 +40,9 @@ impl Message {
             Message::Cancel {
                 worker_id,
                 task_id,
+                attempt,
                 lease_epoch,
-            } => format!("c {worker_id} {task_id} {lease_epoch}"),
+            } => format!("c {worker_id} {task_id} {attempt} {lease_epoch}"),
             Message::Evict { worker_id } => format!("e {worker_id}"),
         }
     }
@@ -50,9 +52,10 @@ impl Message {
         Some(match parts.as_slice() {
             ["s", "t", t] if !t.is_empty() => Message::Scope(Scope::Tenant((*t).to_owned())),
             ["s", "p", p] if !p.is_empty() => Message::Scope(Scope::Pool((*p).to_owned())),
-            ["c", w, t, e] => Message::Cancel {
+            ["c", w, t, a, e] => Message::Cancel {
                 worker_id: (*w).to_owned(),
                 task_id: (*t).to_owned(),
+                attempt: a.parse().ok()?,
                 lease_epoch: e.parse().ok()?,
             },
             ["e", w] => Message::Evict {
@@ -120,10 +123,11 @@ impl Wake {
         self.publish(Message::Scope(scope.clone()));
     }
 
-    pub fn publish_cancel(&self, worker_id: &str, task_id: &str, lease_epoch: u64) {
+    pub fn publish_cancel(&self, worker_id: &str, task_id: &str, attempt: u32, lease_epoch: u64) {
         self.publish(Message::Cancel {
             worker_id: worker_id.to_owned(),
             task_id: task_id.to_owned(),
+            attempt,
             lease_epoch,
         });
     }
@@ -246,6 +250,7 @@ mod tests {
             Message::Cancel {
                 worker_id: "w-1".into(),
                 task_id: "abc".into(),
+                attempt: 2,
                 lease_epoch: 7,
             },
             Message::Evict {
@@ -255,7 +260,7 @@ mod tests {
             assert_eq!(Message::decode(&m.encode()), Some(m));
         }
         assert_eq!(Message::decode("s t"), None);
-        assert_eq!(Message::decode("c w t notanumber"), None);
+        assert_eq!(Message::decode("c w t 1 notanumber"), None);
         assert_eq!(Message::decode(""), None);
     }
 }
