@@ -107,7 +107,9 @@ async fn main() -> anyhow::Result<()> {
     // Starts fail closed until identity's revocation list is in hand: report
     // NOT_SERVING until then.
     let ready = synced.clone();
-    let bound = MeshServer::new("sandbox-runner", identity, bundle)
+    let server = MeshServer::new("sandbox-runner", identity, bundle);
+    let draining = server.draining();
+    let bound = server
         .ready_when(async move {
             while !ready.load(std::sync::atomic::Ordering::Acquire) {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -115,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .revocations(revocations)
         .add_service(
-            service::server(service::SandboxRunnerApi::new(runner.clone())),
+            service::server(service::SandboxRunnerApi::new(runner.clone(), draining)),
             service::POLICY,
         )
         .bind(config.mesh.listen)

@@ -8,6 +8,7 @@ use bulkhead_mesh::{Caller, Error};
 use bulkhead_proto::sandbox::v1 as pb;
 use bulkhead_proto::sandbox::v1::sandbox_service_server::{SandboxService, SandboxServiceServer};
 use futures::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::model::{self, ExitReason, StartRequest, State};
@@ -52,11 +53,14 @@ pub const POLICY: Policy = Policy {
 #[derive(Debug, Clone)]
 pub struct SandboxRunnerApi {
     runner: Runner,
+    /// Cancelled when shutdown begins: open output streams end then, so
+    /// that the drain does not wait for sandboxes to exit.
+    draining: CancellationToken,
 }
 
 impl SandboxRunnerApi {
-    pub fn new(runner: Runner) -> Self {
-        Self { runner }
+    pub fn new(runner: Runner, draining: CancellationToken) -> Self {
+        Self { runner, draining }
     }
 }
 
@@ -155,9 +159,23 @@ impl SandboxService for SandboxRunnerApi {
         let r = req.into_inner();
         let sb = self.find(&who, &r.tenant, &r.sandbox_id)?;
         let reader = sb.output.reader(r.from_offset);
-        let stream = futures::stream::unfold(reader, |mut reader| async move {
-            let item = reader.next().await?;
-            Some((Ok(item_pb(item)), reader))
+        let draining = self.draining.clone();
+        // Ends with the exit; at shutdown with UNAVAILABLE (resume elsewhere
+        // or later from the last offset).
+        let stream = futures::stream::unfold(Some(reader), move |reader| {
+            let draining = draining.clone();
+            async move {
+                let mut reader = reader?;
+                tokio::select! {
+                    () = draining.cancelled() => {
+                        Some((Err(Status::unavailable("the runner is shutting down")), None))
+                    }
+                    item = reader.next() => {
+                        let item = item?;
+                        Some((Ok(item_pb(item)), Some(reader)))
+                    }
+                }
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -848,3 +848,61 @@ async fn worker_and_secret_hard_revocations_kill_their_sandboxes() -> anyhow::Re
     assert!(mesh.containers()?.is_empty());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stopped_runner_releases_every_sandbox() -> anyhow::Result<()> {
+    let Some(mut mesh) = setup(&[]).await? else {
+        return Ok(());
+    };
+    mesh.profile("acme", &[("API_KEY", &canary())]).await?;
+    let run = start_run(&mesh, "acme", "", "run-shutdown").await?;
+    let mut worker = mesh.runner_as(ACME_WORKER)?;
+    let sb = worker
+        .start_sandbox(start_request(
+            "acme",
+            &run,
+            IMAGE,
+            &["sleep", "300"],
+            pb::SandboxBackend::Docker,
+        ))
+        .await?
+        .into_inner()
+        .sandbox
+        .expect("sandbox");
+    let mut stream = worker
+        .stream_output(pb::StreamOutputRequest {
+            tenant: "acme".into(),
+            sandbox_id: sb.sandbox_id.clone(),
+            from_offset: 0,
+        })
+        .await?
+        .into_inner();
+    // SIGTERM: the open stream ends, the drain does not wait for the
+    // sandbox, and the sandbox is released before the runner exits.
+    let at = Instant::now();
+    mesh.mesh
+        .mesh
+        .process_mut("sandbox-runner")
+        .expect("runner")
+        .stop()
+        .await;
+    assert!(
+        at.elapsed() < Duration::from_secs(8),
+        "stopped after {:?}",
+        at.elapsed()
+    );
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            other => break other,
+        }
+    };
+    assert!(ended.is_err() || matches!(ended, Ok(None)), "{ended:?}");
+    assert!(
+        mesh.containers()?.is_empty(),
+        "no sandbox outlives its runner"
+    );
+    let scrubbed = mesh.audited("sandbox.scrubbed", &run.id).await?;
+    assert_eq!(scrubbed.attributes["cause"], "released");
+    Ok(())
+}
