@@ -77,7 +77,12 @@ fn prepare(
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| ConnectError::Address(addr.to_owned()))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Pings find a server that vanished without closing TCP, so long
+        // streams (claims, revocation watches) reconnect instead of hanging.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(15))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let connector = TlsConnector::from(Arc::clone(&config));
     let svc = tower::service_fn(move |uri: http::Uri| {
         let connector = connector.clone();

@@ -259,7 +259,11 @@ impl BoundServer {
         let stop_accepting = CancellationToken::new();
         let incoming = accept_loop(listener, TlsAcceptor::from(tls), stop_accepting.clone());
         let drain = CancellationToken::new();
+        // HTTP/2 pings find peers that vanished without closing TCP (a worker
+        // host that lost power): their streams end instead of lingering.
         let serve = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .layer(TraceLayer)
             .layer(AuthzLayer::new(
                 table,
