@@ -764,7 +764,8 @@ impl ClaimLoop {
                 return;
             }
         };
-        let spec = run_spec(assignment, credentials, deadline);
+        let worker_identity = self.identity.borrow().clone();
+        let spec = run_spec(assignment, credentials, worker_identity, deadline);
         let cancel = CancellationToken::new();
         let span = tracing::info_span!(
             "run",
@@ -1036,7 +1037,12 @@ fn run_credentials(s: &pb::ClaimRunSvid, key: KeyAndCsr) -> Result<RunCredential
     })
 }
 
-fn run_spec(a: pb::ClaimAssignment, credentials: RunCredentials, deadline: Instant) -> RunSpec {
+fn run_spec(
+    a: pb::ClaimAssignment,
+    credentials: RunCredentials,
+    worker_identity: Identity,
+    deadline: Instant,
+) -> RunSpec {
     let task = a.task.unwrap_or_default();
     let agent = a.agent.unwrap_or_default();
     RunSpec {
@@ -1057,6 +1063,7 @@ fn run_spec(a: pb::ClaimAssignment, credentials: RunCredentials, deadline: Insta
         cascade: task.cascade,
         deadline,
         credentials,
+        worker_identity,
     }
 }
 

@@ -12,6 +12,7 @@ use bulkhead_mesh::tls::TrustBundle;
 use zeroize::Zeroizing;
 
 use crate::backoff::BackoffConfig;
+use crate::run::Backend;
 
 /// At most this many labels per worker (the dispatcher's bound).
 pub const MAX_LABELS: usize = 64;
@@ -173,6 +174,15 @@ pub fn default_name() -> String {
     }
 }
 
+/// Where a worker's runs go when its host has a sandbox-runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// The host's sandbox-runner, `host:port` (loopback).
+    pub runner: String,
+    /// The backend asked for, and the one the worker registers with.
+    pub backend: Backend,
+}
+
 /// Everything a worker runs on. Build it with [`WorkerConfig::new`] and adjust
 /// the public fields; the CLI builds it from [`Flags`].
 #[derive(Debug, Clone)]
@@ -206,6 +216,8 @@ pub struct WorkerConfig {
     /// After this many refusals of its identity in a row (PERMISSION_DENIED,
     /// UNAUTHENTICATED, a TLS alert about its certificate), the worker gives up.
     pub auth_failure_limit: u32,
+    /// Runs go to the host's sandbox-runner; unset: they run bare.
+    pub sandbox: Option<SandboxConfig>,
 }
 
 impl WorkerConfig {
@@ -224,6 +236,7 @@ impl WorkerConfig {
             report_ack_wait: Duration::from_secs(10),
             reconnect: BackoffConfig::default(),
             auth_failure_limit: 5,
+            sandbox: None,
         }
     }
 
@@ -233,6 +246,10 @@ impl WorkerConfig {
             return Err(ConfigError::MaxConcurrentRuns(self.max_concurrent_runs));
         }
         check_name(&self.name)?;
+        if self.sandbox.is_some() && self.identity.is_none() {
+            // Runs mint their JWT-SVIDs for the sandbox-runner at identity.
+            return Err(ConfigError::SandboxNeedsIdentity);
+        }
         Ok(())
     }
 }
@@ -243,6 +260,8 @@ pub enum ConfigError {
     MaxConcurrentRuns(u32),
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error("a sandbox-runner needs the identity service's address")]
+    SandboxNeedsIdentity,
     #[error("failed to load the ca bundle: {0}")]
     Ca(#[from] bulkhead_mesh::tls::TlsError),
 }
@@ -289,6 +308,19 @@ pub struct Flags {
     /// OTLP/gRPC collector for spans, e.g. http://127.0.0.1:4317.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// The host's sandbox-runner, host:port: runs go into its sandboxes.
+    /// Without it runs are bare child processes with an empty environment.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub sandbox_runner: Option<String>,
+    /// The sandbox backend asked of the sandbox-runner (and registered with
+    /// the dispatcher).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "docker",
+        requires = "sandbox_runner"
+    )]
+    pub sandbox_backend: Backend,
 }
 
 fn parse_labels(s: &str) -> Result<Labels, LabelError> {
@@ -320,6 +352,10 @@ impl Flags {
         config.state_dir = self.state_dir;
         config.work_dir = self.work_dir;
         config.shutdown_grace = Duration::from_secs(self.shutdown_grace_secs);
+        config.sandbox = self.sandbox_runner.map(|runner| SandboxConfig {
+            runner,
+            backend: self.sandbox_backend,
+        });
         config.validate()?;
         Ok(config)
     }
@@ -397,6 +433,64 @@ mod tests {
         assert!(with(&["--max-concurrent-runs", "0"]).is_err());
         assert!(with(&["--max-concurrent-runs", "1025"]).is_err());
         assert!(with(&["--max-concurrent-runs", "1024"]).is_ok());
+    }
+
+    #[test]
+    fn the_sandbox_runner_is_chosen_by_flag() {
+        let base = [
+            "bulkhead-worker",
+            "--dispatcher",
+            "d:1",
+            "--identity",
+            "i:1",
+            "--ca",
+            "ca.pem",
+        ];
+        let with = |extra: &[&str]| Flags::try_parse_from(base.iter().chain(extra.iter()).copied());
+        let bare = with(&[]).expect("valid");
+        assert_eq!(bare.sandbox_runner, None);
+        let docker = with(&["--sandbox-runner", "127.0.0.1:7404"]).expect("valid");
+        assert_eq!(docker.sandbox_runner.as_deref(), Some("127.0.0.1:7404"));
+        assert_eq!(docker.sandbox_backend, Backend::Docker, "docker by default");
+        let process = with(&[
+            "--sandbox-runner",
+            "127.0.0.1:7404",
+            "--sandbox-backend",
+            "process",
+        ])
+        .expect("valid");
+        assert_eq!(process.sandbox_backend, Backend::Process);
+        assert!(
+            with(&["--sandbox-backend", "process"]).is_err(),
+            "needs a runner"
+        );
+        assert!(with(&["--sandbox-runner", "r:1", "--sandbox-backend", "vm"]).is_err());
+    }
+
+    #[test]
+    fn a_sandbox_runner_needs_identity() {
+        let bundle = TrustBundle::from_pem(
+            bulkhead_mesh::pki::Ca::generate(
+                &bulkhead_mesh::spiffe::TrustDomain::parse("bulkhead.test").expect("td"),
+            )
+            .expect("ca")
+            .0
+            .cert_pem()
+            .as_bytes(),
+            "ca",
+        )
+        .expect("bundle");
+        let mut config = WorkerConfig::new("d:1", bundle);
+        config.sandbox = Some(SandboxConfig {
+            runner: "r:1".into(),
+            backend: Backend::Docker,
+        });
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::SandboxNeedsIdentity)
+        ));
+        config.identity = Some("i:1".into());
+        assert!(config.validate().is_ok());
     }
 
     #[test]

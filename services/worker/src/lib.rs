@@ -10,6 +10,8 @@
 //! - [`enroll`]: the worker's own SVID: enrollment, the state dir, renewal.
 //! - `claim`: the claim stream's state machine.
 //! - [`run`]: the [`Runner`] trait and the bare [`BareRunner`].
+//! - [`sandbox`]: the [`SandboxRunner`], which hands runs to the host's
+//!   sandbox-runner (`--sandbox-runner`, or [`WorkerConfig::sandbox`]).
 //! - [`backoff`]: jittered exponential backoff.
 //!
 //! ```no_run
@@ -38,10 +40,12 @@ pub mod enroll;
 mod failure;
 pub mod keys;
 pub mod run;
+pub mod sandbox;
 
-pub use config::{ConfigError, JoinToken, Labels, WorkerConfig};
+pub use config::{ConfigError, JoinToken, Labels, SandboxConfig, WorkerConfig};
 pub use enroll::EnrollError;
-pub use run::{BareRunner, Outcome, RunResult, RunSpec, Runner};
+pub use run::{Backend, BareRunner, Outcome, RunResult, RunSpec, Runner};
+pub use sandbox::SandboxRunner;
 
 /// Why a worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -69,9 +73,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker running tasks bare ([`BareRunner`] in `config.work_dir`).
+    /// A worker running tasks in the host's sandbox-runner when
+    /// `config.sandbox` is set ([`SandboxRunner`]; `config.identity` is then
+    /// required), else bare ([`BareRunner`] in `config.work_dir`).
     pub fn new(config: WorkerConfig) -> Self {
-        let runner = Arc::new(BareRunner::new(config.work_dir.clone()));
+        let runner: Arc<dyn Runner> = match (&config.sandbox, &config.identity) {
+            (Some(sandbox), Some(identity)) => Arc::new(SandboxRunner::new(
+                sandbox,
+                identity.clone(),
+                config.bundle.clone(),
+            )),
+            // Without identity `validate` refuses the config before any run.
+            _ => Arc::new(BareRunner::new(config.work_dir.clone())),
+        };
         Self { config, runner }
     }
 
@@ -114,6 +128,8 @@ impl Worker {
             dispatcher = %config.dispatcher,
             max_concurrent_runs = config.max_concurrent_runs,
             labels = config.labels.len(),
+            sandbox_runner = config.sandbox.as_ref().map_or("none (bare runs)", |s| s.runner.as_str()),
+            backends = ?runner.backends(),
             "worker starting"
         );
         let config = Arc::new(config);

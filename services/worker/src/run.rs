@@ -1,7 +1,7 @@
 //! Running one attempt. The claim loop hands a [`RunSpec`] to a [`Runner`] and
 //! reports the [`RunResult`] it returns. [`BareRunner`] runs the agent's argv as
-//! a child process (until the sandbox-runner mode lands, which will plug in
-//! behind the same trait).
+//! a child process; [`crate::sandbox::SandboxRunner`] hands it to the host's
+//! sandbox-runner.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -30,7 +30,7 @@ pub const BARE_PATH: &str = "/usr/bin:/bin";
 const READER_GRACE: Duration = Duration::from_millis(500);
 
 /// The sandbox backends a runner offers, as registered with the dispatcher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
     Docker,
     Process,
@@ -135,6 +135,9 @@ pub struct RunSpec {
     /// When the run is killed and reported as timed out.
     pub deadline: Instant,
     pub credentials: RunCredentials,
+    /// The worker's own SVID as the run starts (it is renewed meanwhile): a
+    /// sandbox-runner serves the worker that presents it.
+    pub worker_identity: Identity,
 }
 
 /// Runs attempts. Implementations must return when `cancel` fires (reporting
