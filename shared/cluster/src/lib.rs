@@ -29,6 +29,23 @@ pub const SERVICES: &[&str] = &[
     "sandbox-runner",
 ];
 
+/// Programs a local mesh's sandbox-runner lets its process backend run (the
+/// runner allows none by default): the shells and interpreters agents of a
+/// dev mesh or a demo start with. Docker images are not restricted: a local
+/// engine runs only images already on the host (none is ever pulled).
+pub const DEV_SANDBOX_PROGRAMS: &[&str] = &[
+    "/bin/sh",
+    "/usr/bin/sh",
+    "/bin/bash",
+    "/usr/bin/bash",
+    "/usr/bin/env",
+    "/usr/bin/python3",
+];
+
+/// The name prefix of a local mesh's sandbox containers (each also carries
+/// its runner instance's label, which keeps meshes on one engine apart).
+pub const DEV_CONTAINER_PREFIX: &str = "bulkhead-local-sbx-";
+
 /// How long a service gets to become healthy.
 const HEALTH_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a service gets to exit after SIGTERM before it is killed.
@@ -349,6 +366,23 @@ impl LocalMesh {
                 // A local mesh makes its own master and fingerprint keys
                 // (0600, under the data directory); production provisions them.
                 table.insert("create_missing_keys".into(), toml::Value::Boolean(true));
+            }
+            if *s == "sandbox-runner" {
+                // Runs out of the box: Docker when the engine answers, else
+                // the process backend with the dev programs.
+                table.insert(
+                    "programs".into(),
+                    toml::Value::Array(
+                        DEV_SANDBOX_PROGRAMS
+                            .iter()
+                            .map(|p| toml::Value::String((*p).to_owned()))
+                            .collect(),
+                    ),
+                );
+                table.insert(
+                    "container_prefix".into(),
+                    toml::Value::String(DEV_CONTAINER_PREFIX.to_owned()),
+                );
             }
             if let (true, Some((port, _))) = (*s == "audit", &view) {
                 let mut web = toml::Table::new();
