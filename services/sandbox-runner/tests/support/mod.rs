@@ -5,12 +5,10 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, bail};
 use bulkhead_mesh::client::MeshChannel;
 use bulkhead_mesh::tls::Identity;
 use bulkhead_proto::audit::v1 as audit_pb;
@@ -21,7 +19,6 @@ use bulkhead_proto::sandbox::v1 as pb;
 use bulkhead_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
 use bulkhead_proto::sealed::v1 as sealed_pb;
 use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceClient;
-use bulkhead_testkit::external::Missing;
 use bulkhead_testkit::mesh::TestMesh;
 use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -32,130 +29,19 @@ pub const OPERATOR: &str = "admin/operator";
 pub const DISPATCHER: &str = "service/dispatcher";
 pub const AGENT: &str = "support-bot";
 /// The image the tests run, built from this host's binaries.
-pub const IMAGE: &str = "bulkhead-test-agent:latest";
-/// Bumped when the image's content changes, so that an older build is replaced.
-const IMAGE_VERSION: &str = "2";
+pub const IMAGE: &str = bulkhead_testkit::docker::TEST_IMAGE;
 /// The prefix of every container and image a test makes.
 pub const PREFIX: &str = "bulkhead-test-";
 
 pub type Runner = SandboxServiceClient<MeshChannel>;
 
-/// Whether the Docker engine answers; skips loudly (or fails under
-/// `BULKHEAD_REQUIRE_EXTERNAL=1`) when it does not.
-pub fn docker_or_skip() -> anyhow::Result<bool> {
-    let ok = Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return Ok(true);
-    }
-    let skipped: Option<()> =
-        Missing::new("docker engine", "install docker.io and start dockerd").skip()?;
-    Ok(skipped.is_some())
-}
+#[allow(unused_imports)]
+pub use bulkhead_testkit::docker::{docker, docker_or_skip};
 
-/// Runs `docker args...`; its stdout.
-pub fn docker(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .context("failed to run docker")?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Builds [`IMAGE`] once (idempotent, and serialized across test processes
-/// by a file lock): `docker import` of a root filesystem made of this host's
-/// `sh`, coreutils and the libraries `ldd` names. No registry is involved.
+/// Builds [`IMAGE`] once (shared with the cross-service tests, serialized
+/// across test processes).
 pub fn ensure_image() -> anyhow::Result<()> {
-    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if *built {
-        return Ok(());
-    }
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(std::env::temp_dir().join("bulkhead-test-agent.lock"))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow::anyhow!("lock: {e}"))?;
-    let label = "{{index .Config.Labels \"bulkhead.test.image\"}}";
-    if docker(&["image", "inspect", "--format", label, IMAGE])
-        .is_ok_and(|v| v.trim() == IMAGE_VERSION)
-    {
-        *built = true;
-        return Ok(());
-    }
-    // An older build of the image, replaced below.
-    let old = docker(&["image", "inspect", "--format", "{{.Id}}", IMAGE]).ok();
-    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
-    let root = dir.path().join("root");
-    for d in ["usr/bin", "tmp", "proc", "dev", "sys", "etc"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    let programs = [
-        "sh", "env", "cat", "base64", "sleep", "grep", "id", "ls", "echo", "true",
-    ];
-    let mut libs = std::collections::BTreeSet::new();
-    for p in programs {
-        let path = which(p)?;
-        let real = std::fs::canonicalize(&path)?;
-        std::fs::copy(&real, root.join("usr/bin").join(p))?;
-        let ldd = Command::new("ldd").arg(&real).output()?;
-        for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
-            if word.starts_with('/') {
-                libs.insert(PathBuf::from(word));
-            }
-        }
-    }
-    for lib in libs {
-        let rel = lib.strip_prefix("/")?;
-        let dest = root.join(rel);
-        std::fs::create_dir_all(dest.parent().context("lib parent")?)?;
-        std::fs::copy(std::fs::canonicalize(&lib)?, &dest)?;
-    }
-    std::os::unix::fs::symlink("usr/bin", root.join("bin"))?;
-    // As in any image: the daemon copies the mode of /tmp onto the tmpfs.
-    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
-    let tar = dir.path().join("rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()?;
-    ensure!(status.success(), "tar failed");
-    docker(&[
-        "import",
-        "--change",
-        "ENV PATH=/usr/bin:/bin",
-        "--change",
-        &format!("LABEL bulkhead.test.image={IMAGE_VERSION}"),
-        tar.to_str().context("path")?,
-        IMAGE,
-    ])?;
-    if let Some(old) = old {
-        let _ = docker(&["rmi", old.trim()]);
-    }
-    *built = true;
-    Ok(())
-}
-
-fn which(p: &str) -> anyhow::Result<PathBuf> {
-    for d in ["/usr/bin", "/bin"] {
-        let path = Path::new(d).join(p);
-        if path.is_file() {
-            return Ok(path);
-        }
-    }
-    bail!("{p} not found on this host")
+    bulkhead_testkit::docker::ensure_test_image()
 }
 
 /// A test mesh and its runner's cleanup: at the end every container of the
