@@ -894,6 +894,7 @@ impl Engine {
         match finished {
             Finished::Applied(after) => {
                 ack.accepted = true;
+                count_final(&after);
                 if after.status == TaskStatus::Queued {
                     self.announce(&after.scope);
                 }
@@ -1125,6 +1126,14 @@ pub fn cancel_msg(
             reason: reason as i32,
             message: message.chars().take(500).collect(),
         })),
+    }
+}
+
+/// Counts a task that has reached a final status in `bulkhead.tasks`.
+pub fn count_final(t: &TaskRow) {
+    if t.status.is_final() {
+        let (tenant, pool) = t.scope.columns();
+        bulkhead_mesh::metrics::task_finished(tenant, pool, t.status.as_str());
     }
 }
 

@@ -626,6 +626,7 @@ impl DispatcherService for DispatcherApi {
             .map_err(storage)?
         {
             Cancelled::Cancelled { before, after } => {
+                crate::engine::count_final(&after);
                 if before.status.is_leased() {
                     self.engine
                         .cancel_lease(&before, pb::CancelReason::Requested, &reason);

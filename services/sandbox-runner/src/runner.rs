@@ -893,6 +893,10 @@ impl Runner {
             s.released_at = Some(Instant::now());
         });
         drop(life);
+        bulkhead_mesh::metrics::sandbox_released(
+            &sb.tenant,
+            sb.created_at.elapsed().unwrap_or_default(),
+        );
         tracing::info!(sandbox = %sb.id, tenant = %sb.tenant, run = %sb.run_id, "sandbox released");
         Ok(report)
     }

@@ -1308,7 +1308,10 @@ impl SealedVaultService for SealedVaultApi {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         check_name("tenant", &r.tenant)?;
-        Ok(Response::new(self.resolve_inner(&caller, r).await?))
+        let tenant = r.tenant.clone();
+        let answer = self.resolve_inner(&caller, r).await;
+        bulkhead_mesh::metrics::resolution(&tenant, bulkhead_mesh::metrics::outcome_of(&answer));
+        Ok(Response::new(answer?))
     }
 
     async fn snapshot(

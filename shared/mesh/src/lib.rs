@@ -5,6 +5,7 @@
 //! - [`authz`]: the per-service authorization table and the layer that enforces it.
 //! - [`server`] and [`client`]: the one way to serve and to dial a mesh service.
 //! - [`config`], [`error`], [`telemetry`], [`shutdown`]: the rest of a service's plumbing.
+//! - [`metrics`]: the per-tenant counters exported over OTLP.
 //! - [`pki`]: the dev CA and SVID issuance behind `bulkhead pki`.
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod jwt;
+pub mod metrics;
 pub mod pki;
 pub mod revocation;
 pub mod server;

@@ -1,5 +1,6 @@
-//! Logs and traces: `tracing` to stderr (pretty or JSON), and OpenTelemetry
-//! OTLP/gRPC export when an endpoint is configured. W3C trace context travels in
+//! Logs, traces and metrics: `tracing` to stderr (pretty or JSON), and
+//! OpenTelemetry OTLP/gRPC export of spans and of the [`crate::metrics`]
+//! counters when an endpoint is configured (without one the meter is a no-op). W3C trace context travels in
 //! gRPC metadata (`traceparent`), injected by [`TracePropagation`] on every
 //! client and extracted by [`TraceLayer`] on every server. Every request span
 //! carries `bulkhead.tenant` and `bulkhead.run_id` (empty when not tenant work).
@@ -12,6 +13,7 @@ use std::task::{Context, Poll};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde::{Deserialize, Serialize};
@@ -42,7 +44,9 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// An `EnvFilter` directive, e.g. `info,bulkhead_mesh=debug`; `RUST_LOG` wins.
     pub log_filter: String,
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; empty disables export.
+    /// OTLP/gRPC collector for spans and metrics, e.g. `http://127.0.0.1:4317`;
+    /// empty disables export. Metrics go every `OTEL_METRIC_EXPORT_INTERVAL`
+    /// milliseconds (60 s by default) and once more at shutdown.
     pub otlp_endpoint: Option<String>,
 }
 
@@ -64,10 +68,12 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Flushes and stops span export when dropped (or on [`TelemetryGuard::shutdown`]).
+/// Flushes and stops span and metric export when dropped (or on
+/// [`TelemetryGuard::shutdown`]).
 #[derive(Debug)]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl TelemetryGuard {
@@ -83,6 +89,13 @@ impl TelemetryGuard {
             if let Err(e) = p.shutdown() {
                 eprintln!("span exporter shutdown failed: {e}");
             }
+        }
+        // Shutting the meter provider down exports what was counted since
+        // the last interval.
+        if let Some(m) = self.meters.take()
+            && let Err(e) = m.shutdown()
+        {
+            eprintln!("metric exporter shutdown failed: {e}");
         }
     }
 }
@@ -109,9 +122,12 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard, Tele
             .with_current_span(true)
             .boxed(),
     };
-    let (otel, provider) = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+    let (otel, provider, meters) = match cfg.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         Some(endpoint) => {
             use opentelemetry_otlp::WithExportConfig;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(format!("bulkhead-{service}"))
+                .build();
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
@@ -119,19 +135,26 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard, Tele
                 .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_resource(
-                    opentelemetry_sdk::Resource::builder()
-                        .with_service_name(format!("bulkhead-{service}"))
-                        .build(),
-                )
+                .with_resource(resource.clone())
                 .build();
             let tracer = provider.tracer(format!("bulkhead-{service}"));
+            let metric_exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            let meters = SdkMeterProvider::builder()
+                .with_periodic_exporter(metric_exporter)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_meter_provider(meters.clone());
             (
                 Some(tracing_opentelemetry::layer().with_tracer(tracer)),
                 Some(provider),
+                Some(meters),
             )
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -139,7 +162,7 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<TelemetryGuard, Tele
         .with(otel)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, meters })
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
