@@ -3,6 +3,7 @@
 //! - `bulkhead pki init|issue`: the trust domain's dev CA and X.509-SVIDs.
 //! - `bulkhead dev up`: the five services on loopback, with embedded defaults.
 //! - `bulkhead health`: gRPC health of every service of a running mesh.
+//! - `bulkhead demo`: the multi-tenant walkthrough on a local mesh.
 //!
 //! Every verb that talks to a mesh finds it through `--dir DIR` (or
 //! `BULKHEAD_DIR`): `DIR/endpoints.json` and the operator certificate in it.
@@ -61,6 +62,10 @@ enum Command {
     /// Resets a tenant's workers or a pool.
     #[command(subcommand)]
     Pool(bulkhead_cli::fleet::PoolCommand),
+    /// The multi-tenant walkthrough: a local mesh, real workers, three
+    /// tenants, the refused cross-tenant claim, the leak scan and the
+    /// verified audit trail. Exits non-zero if any guarantee failed.
+    Demo(bulkhead_cli::demo::DemoArgs),
     /// Checks gRPC health of every service of a running mesh.
     Health {
         #[arg(long, env = "BULKHEAD_DIR", value_name = "DIR")]
@@ -77,6 +82,13 @@ fn main() -> anyhow::Result<()> {
             Command::Pki(cmd) => pki::run(cmd),
             Command::Dev(cmd) => dev::run(cmd).await,
             Command::Health { dir } => dev::health(&dir).await,
+            Command::Demo(args) => {
+                if !bulkhead_cli::demo::run(args).await? {
+                    // The story above says which guarantee failed.
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Command::Audit(cmd) => audit::run(cmd).await,
             Command::Identity(cmd) => bulkhead_cli::identity::run(cmd).await,
             Command::Profile(cmd) => bulkhead_cli::sealed::run_profile(cmd).await,
