@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define MAX_BODY (16u << 20)
@@ -69,6 +70,16 @@ int main(int argc, char **argv)
 {
     if (argc < 2)
         die(127, "no agent command");
+    /*
+     * No core dumps, soft and hard limit, before a credential is read: a core
+     * holds the environment, and would be a file in the process sandbox's
+     * directory or, through a core_pattern pipe (systemd-coredump, apport),
+     * on the host's disk. The limit survives exec; without CAP_SYS_RESOURCE
+     * the agent cannot raise it again.
+     */
+    const struct rlimit no_core = {0, 0};
+    if (setrlimit(RLIMIT_CORE, &no_core) != 0)
+        die(125, "cannot disable core dumps");
     unsigned char head[8];
     read_exact(head, sizeof head);
     if (memcmp(head, "BHI1", 4) != 0)

@@ -126,6 +126,39 @@ mod tests {
         );
     }
 
+    /// A core dump of the agent (or of the shim holding the frame) would
+    /// write its environment, the credentials, to a file: into the process
+    /// sandbox's directory on the host, or through a `core_pattern` pipe
+    /// (systemd-coredump, apport) onto the host's disk. The shim sets the
+    /// core limit to zero, soft and hard, so the agent cannot raise it.
+    #[test]
+    fn the_agent_cannot_dump_core() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shim = install(dir.path()).expect("install");
+        let mut child = Command::new(&shim)
+            .args([
+                "sh",
+                "-c",
+                "ulimit -c -H; ulimit -c; ulimit -c unlimited 2>/dev/null || echo refused",
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let input = frame([("K", &b"v"[..])], b"");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&input)
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n0\nrefused\n");
+    }
+
     #[test]
     fn the_shim_refuses_a_bad_frame() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -113,6 +113,11 @@ async fn a_canary_reaches_the_agent_and_nothing_else() -> anyhow::Result<()> {
     assert_eq!(host["PidsLimit"], 64);
     assert_eq!(host["Memory"], 128 << 20);
     assert_eq!(host["NanoCpus"], 500_000_000);
+    assert_eq!(
+        host["Ulimits"],
+        serde_json::json!([{"Name": "core", "Soft": 0, "Hard": 0}]),
+        "no core dumps"
+    );
     assert!(
         host["SecurityOpt"]
             .to_string()

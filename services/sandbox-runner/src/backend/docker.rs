@@ -16,7 +16,7 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkConnectRequest,
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkConnectRequest, ResourcesUlimits,
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
@@ -230,6 +230,14 @@ impl DockerBackend {
                 ),
             )])),
             network_mode: Some(network_mode),
+            // No core dumps: a core holds the agent's environment (its
+            // credentials) and, through a core_pattern pipe, lands on the
+            // host's disk. The shim sets the same limit; this holds for it too.
+            ulimits: Some(vec![ResourcesUlimits {
+                name: Some("core".into()),
+                soft: Some(0),
+                hard: Some(0),
+            }]),
             ipc_mode: Some("private".into()),
             init: Some(false),
             auto_remove: Some(false),
