@@ -11,7 +11,10 @@
 //! - URL-encoded (upper- and lowercase hex, `+` for spaces, and
 //!   `encodeURIComponent`'s set);
 //! - JSON-escaped (as serde and JavaScript write it, with `\/`, and with
-//!   non-ASCII as `\uXXXX` as Python's `json.dumps` does).
+//!   non-ASCII as `\uXXXX` as Python's `json.dumps` does);
+//! - base64 wrapped as the tools print it (76 columns for `base64` and MIME,
+//!   64 for `openssl base64`), for a value at the start of the text;
+//! - hex, lower- and uppercase, on one line and as `xxd -p` wraps it.
 //!
 //! Matching is leftmost-longest, so a value inside another value's encoding,
 //! or two keys whose values overlap, redact to the longest form found. Output
@@ -282,6 +285,25 @@ fn forms(v: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
             push(core);
         }
     }
+    // Base64 as the tools print it: `base64` (coreutils) and MIME wrap at 76
+    // columns, `openssl base64` and PEM at 64. The value at the start of the
+    // text (`echo "$KEY" | base64`) puts the breaks at fixed places in its
+    // core; a value of 57 bytes or more (most API keys) is otherwise printed
+    // in pieces that no unwrapped form matches.
+    let cores: Vec<Zeroizing<Vec<u8>>> = base64_cores(&STANDARD_NO_PAD, v)
+        .into_iter()
+        .map(Zeroizing::new)
+        .collect();
+    if let Some(core) = cores.first() {
+        for (width, eol) in [(76, &b"\n"[..]), (64, b"\n"), (76, b"\r\n")] {
+            if core.len() > width {
+                push(wrapped(core, width, eol));
+            }
+        }
+    }
+    for f in hex_forms(v) {
+        push(f);
+    }
     for f in url_forms(v) {
         push(f);
     }
@@ -309,6 +331,29 @@ fn base64_cores(engine: &base64::engine::GeneralPurpose, v: &[u8]) -> Vec<Vec<u8
         }
     }
     cores
+}
+
+/// `text` with `eol` after every `width` bytes but the last (sized up front).
+fn wrapped(text: &[u8], width: usize, eol: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + text.len() / width * eol.len());
+    for (i, line) in text.chunks(width).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(eol);
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
+
+/// Hex, lower- and uppercase, and as `xxd -p` prints it (60 columns).
+fn hex_forms(v: &[u8]) -> Vec<Vec<u8>> {
+    let lower = Zeroizing::new(hex::encode(v).into_bytes());
+    let mut out = vec![lower.to_ascii_uppercase()];
+    if lower.len() > 60 {
+        out.push(wrapped(&lower, 60, b"\n"));
+    }
+    out.push(lower.to_vec());
+    out
 }
 
 fn url_forms(v: &[u8]) -> Vec<Vec<u8>> {
@@ -451,6 +496,53 @@ mod tests {
             // What is left is at most the edge characters, never the core.
             let left: String = out.replace("<redacted:K>", "");
             assert!(left.len() <= 8, "{prefix:?}: {out}");
+        }
+    }
+
+    /// A realistic API key (`sk-ant-api03-` and 95 more characters) piped
+    /// through the tools that print base64 and hex: coreutils `base64` and
+    /// Python's `base64.encodebytes` wrap at 76 columns, `openssl base64` and
+    /// PEM at 64, MIME with CRLF; `xxd -p` writes hex 60 columns wide,
+    /// `.hex()` and `od`-free tools on one line.
+    #[test]
+    fn base64_as_the_tools_wrap_it_and_hex_are_redacted() {
+        let key = format!("sk-ant-api03-{}", "Zx9_k2LmQ-7pRt".repeat(7));
+        assert!(key.len() > 100);
+        let r = redactor(&[("ANTHROPIC_API_KEY", &key)]);
+        let wrap = |text: &str, width: usize, eol: &str| {
+            text.as_bytes()
+                .chunks(width)
+                .map(|c| std::str::from_utf8(c).expect("ascii"))
+                .collect::<Vec<_>>()
+                .join(eol)
+                + eol
+        };
+        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        let with_newline = format!("{key}\n");
+        let cases = [
+            // echo "$KEY" | base64
+            wrap(&STANDARD.encode(with_newline.as_bytes()), 76, "\n"),
+            // printf %s "$KEY" | base64
+            wrap(&STANDARD.encode(key.as_bytes()), 76, "\n"),
+            // printf %s "$KEY" | openssl base64
+            wrap(&STANDARD.encode(key.as_bytes()), 64, "\n"),
+            // MIME
+            wrap(&STANDARD.encode(key.as_bytes()), 76, "\r\n"),
+            // printf %s "$KEY" | xxd -p
+            wrap(&hex, 60, "\n"),
+            // python3 -c 'print(os.environ["KEY"].encode().hex())'
+            hex.clone(),
+            hex.to_ascii_uppercase(),
+        ];
+        for text in cases {
+            let out = red(&r, &text);
+            assert!(
+                out.contains("<redacted:ANTHROPIC_API_KEY>"),
+                "{text:?} -> {out:?}"
+            );
+            // What is left is at most edge characters and line ends.
+            let left = out.replace("<redacted:ANTHROPIC_API_KEY>", "");
+            assert!(left.trim().len() <= 4, "{text:?} -> {out:?}");
         }
     }
 
