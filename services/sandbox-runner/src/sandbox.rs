@@ -228,6 +228,11 @@ impl Registry {
     /// has no other live sandbox.
     pub fn register(&self, new: NewSandbox, max: usize) -> Result<Arc<Sandbox>, RegisterError> {
         let mut map = lock(&self.map);
+        // Released sandboxes keep their output (up to 8 MiB each) for
+        // replay; they are forgotten here too, not only when someone lists,
+        // or a worker starting and releasing sandboxes in a loop grows the
+        // runner's memory without bound.
+        forget_released(&mut map, max);
         let live = map.values().filter(|s| !s.is_released());
         let mut count = 0;
         for s in live {
@@ -287,6 +292,15 @@ impl Registry {
         lock(&self.map).remove(id);
     }
 
+    /// How many sandboxes are held, released ones included.
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Every sandbox, newest first; released ones older than [`KEEP_RELEASED`]
     /// are forgotten first.
     pub fn all(&self) -> Vec<Arc<Sandbox>> {
@@ -308,6 +322,27 @@ impl Registry {
             .filter(|s| !s.is_released() && s.covered_by(r))
             .cloned()
             .collect()
+    }
+}
+
+/// Forgets released sandboxes older than [`KEEP_RELEASED`], and all but the
+/// newest `keep` of the others.
+fn forget_released(map: &mut BTreeMap<String, Arc<Sandbox>>, keep: usize) {
+    map.retain(|_, s| {
+        s.status()
+            .released_at
+            .is_none_or(|at| at.elapsed() < KEEP_RELEASED)
+    });
+    let mut released: Vec<(u64, String)> = map
+        .values()
+        .filter(|s| s.status().released_at.is_some())
+        .map(|s| (s.seq, s.id.clone()))
+        .collect();
+    if released.len() > keep {
+        released.sort_unstable();
+        for (_, id) in &released[..released.len() - keep] {
+            map.remove(id);
+        }
     }
 }
 
@@ -408,4 +443,65 @@ pub async fn supervise(
     drop(redactor);
     // Nothing more to redact: the copies go now, not at release.
     sb.zeroize();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NetworkMode;
+
+    fn new(run: &str) -> NewSandbox {
+        NewSandbox {
+            tenant: "acme".into(),
+            run_id: run.into(),
+            run_spiffe: format!("spiffe://td/tenant/acme/run/{run}"),
+            task_id: String::new(),
+            worker: SpiffeId::parse("spiffe://td/tenant/acme/worker/w1").expect("id"),
+            worker_serial: None,
+            backend: BackendKind::Process,
+            image: "/bin/true".into(),
+            limits: Limits {
+                memory_bytes: 0,
+                cpu_millis: 0,
+                pids: 0,
+                timeout: Duration::from_secs(1),
+            },
+            network: Network {
+                mode: NetworkMode::None,
+                allowed: Vec::new(),
+            },
+        }
+    }
+
+    fn release(sb: &Sandbox) {
+        sb.update(|s| {
+            s.state = State::Released;
+            s.released_at = Some(Instant::now());
+        });
+    }
+
+    /// A worker that starts and releases sandboxes in a loop (each holding
+    /// up to 8 MiB of output) does not grow the registry without bound,
+    /// whether or not anyone lists.
+    #[test]
+    fn released_sandboxes_are_forgotten_without_a_list() {
+        let reg = Registry::default();
+        let mut newest = String::new();
+        for i in 0..100 {
+            let sb = reg.register(new(&format!("r{i}")), 4).expect("room");
+            release(&sb);
+            newest = sb.id.clone();
+        }
+        assert!(reg.len() <= 5, "{} sandboxes held", reg.len());
+        assert!(reg.get(&newest).is_some(), "the newest stays listed");
+        // Live ones are never forgotten.
+        let live: Vec<_> = (0..4)
+            .map(|i| reg.register(new(&format!("live{i}")), 4).expect("room"))
+            .collect();
+        for _ in 0..3 {
+            let sb = reg.register(new("churn"), 8).expect("room");
+            release(&sb);
+        }
+        assert!(live.iter().all(|s| reg.get(&s.id).is_some()));
+    }
 }
