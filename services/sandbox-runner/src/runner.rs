@@ -592,10 +592,7 @@ impl Runner {
     ) -> Result<(), Error> {
         // A revocation may have landed between the token check and the
         // registration; from here on the revocation follower finds it.
-        let run_id = SpiffeId::parse(&sb.run_spiffe).map_err(Error::internal)?;
-        if self.inner.revocations.revoked(&run_id, None)
-            || self.inner.revocations.revoked(&sb.worker, None)
-        {
+        if revoked_now(&self.inner.revocations, sb)? {
             return Err(Error::Unauthenticated(
                 "the run's identity was revoked".into(),
             ));
@@ -1032,6 +1029,24 @@ impl Runner {
     }
 }
 
+/// Whether the list now covers the sandbox's run, or its worker by SPIFFE
+/// ID, tenant or certificate serial: the checks of `on_revocations`, for a
+/// revocation that landed after the mesh checked the worker's certificate
+/// but before the sandbox was registered (which that follower missed).
+fn revoked_now(list: &RevocationList, sb: &Sandbox) -> Result<bool, Error> {
+    let run = SpiffeId::parse(&sb.run_spiffe).map_err(Error::internal)?;
+    // The serial is kept as hex without leading zeros; the list wants bytes.
+    let serial = sb.worker_serial.as_deref().and_then(|h| {
+        let even = if h.len() % 2 == 1 {
+            format!("0{h}")
+        } else {
+            h.to_owned()
+        };
+        hex::decode(even).ok()
+    });
+    Ok(list.revoked(&run, None) || list.revoked(&sb.worker, serial.as_deref()))
+}
+
 async fn wait_supervisor(mut h: tokio::task::JoinHandle<()>) {
     if tokio::time::timeout(SUPERVISOR_GRACE, &mut h)
         .await
@@ -1065,4 +1080,94 @@ fn scrubbed_event(
             ("run_identity_revoked", r.run_identity_revoked.to_string()),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(reg: &Registry, serial: &str) -> Arc<Sandbox> {
+        reg.register(
+            NewSandbox {
+                tenant: "acme".into(),
+                run_id: "r1".into(),
+                run_spiffe: "spiffe://td/tenant/acme/run/r1".into(),
+                task_id: String::new(),
+                worker: SpiffeId::parse("spiffe://td/tenant/acme/worker/w1").expect("id"),
+                worker_serial: Some(serial.into()),
+                backend: BackendKind::Process,
+                image: "/bin/true".into(),
+                limits: Limits {
+                    memory_bytes: 0,
+                    cpu_millis: 0,
+                    pids: 0,
+                    timeout: Duration::from_secs(1),
+                },
+                network: Network {
+                    mode: NetworkMode::None,
+                    allowed: Vec::new(),
+                },
+            },
+            8,
+        )
+        .expect("room")
+    }
+
+    /// A hard revocation of the worker's certificate (by serial) that lands
+    /// while a start is between the mesh's check and the registration is
+    /// seen by the check at launch, as revocations of the run, the worker
+    /// and the tenant are.
+    #[test]
+    fn a_revocation_before_registration_stops_the_start() {
+        use id_pb::revocation::Target;
+        let reg = Registry::default();
+        let entry = |target: Target, spiffe_id: &str| id_pb::Revocation {
+            sequence: 1,
+            tenant: "acme".into(),
+            target: Some(target),
+            spiffe_id: spiffe_id.into(),
+            hard: true,
+            ..Default::default()
+        };
+        for (serial, r, revoked) in [
+            ("a1b2", entry(Target::Serial("0a1b2".into()), ""), true),
+            ("a1b", entry(Target::Serial("0a1b".into()), ""), true),
+            ("a1b", entry(Target::Serial("a1c".into()), ""), false),
+            (
+                "a1b",
+                entry(Target::RunId("r1".into()), "spiffe://td/tenant/acme/run/r1"),
+                true,
+            ),
+            (
+                "a1b",
+                entry(
+                    Target::WorkerId("w1".into()),
+                    "spiffe://td/tenant/acme/worker/w1",
+                ),
+                true,
+            ),
+            (
+                "a1b",
+                entry(Target::WholeTenant(true), "spiffe://td/tenant/acme/"),
+                true,
+            ),
+            (
+                "a1b",
+                entry(Target::WholeTenant(true), "spiffe://td/tenant/other/"),
+                false,
+            ),
+        ] {
+            let list = RevocationList::new();
+            list.apply_snapshot(1, std::slice::from_ref(&r));
+            let sb = sandbox(&reg, serial);
+            assert_eq!(
+                revoked_now(&list, &sb).expect("ids"),
+                revoked,
+                "{serial} {r:?}"
+            );
+            // The follower agrees.
+            assert_eq!(sb.covered_by(&r), revoked, "{serial} {r:?}");
+            reg.remove(&sb.id);
+        }
+    }
 }
