@@ -25,3 +25,14 @@ test:
 dev dir=".bulkhead":
     cargo build --workspace --bins --locked
     ./target/debug/bulkhead dev up --dir {{dir}}
+
+# `just compose` starts the container mesh, `just compose down -v` removes it;
+# `BULKHEAD_OTLP_ENDPOINT=http://otel-collector:4317 just compose --profile observability up -d`
+# adds the OTel collector, Prometheus and Grafana (their images need a registry).
+# Build the images from the workspace and run docker-compose on deploy/docker-compose.yml.
+compose +args="up -d":
+    cargo build --workspace --bins --locked
+    deploy/build-images.sh
+    mkdir -p deploy/run/pki deploy/run/sandbox-runner
+    BULKHEAD_UID=$(id -u) BULKHEAD_GID=$(id -g) BULKHEAD_RUNNER_DIR="$PWD/deploy/run/sandbox-runner" \
+        docker-compose --file deploy/docker-compose.yml {{args}}
