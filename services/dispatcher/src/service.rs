@@ -39,6 +39,7 @@ pub static RULES: &[Rule] = &[
     Rule::new("RegisterWorker", &[who::TENANT_WORKER, who::POOL_WORKER]),
     Rule::new("Claim", &[who::TENANT_WORKER, who::POOL_WORKER]),
     Rule::new("ClaimTask", &[who::TENANT_WORKER, who::POOL_WORKER]),
+    Rule::new("GetRunAssignment", &[who::SANDBOX_RUNNER]),
     Rule::new("Enqueue", &[who::TENANT_CLIENT, who::OPERATOR]).tenant_scoped(),
     Rule::new("GetTask", &[who::TENANT_CLIENT, who::OPERATOR]).tenant_scoped(),
     Rule::new("ListTasks", &[who::TENANT_CLIENT, who::OPERATOR]).tenant_scoped(),
@@ -392,6 +393,31 @@ impl DispatcherService for DispatcherApi {
             assignment: Some(assignment),
             run_id,
             run_svid: Some(svid),
+        }))
+    }
+
+    async fn get_run_assignment(
+        &self,
+        req: Request<pb::GetRunAssignmentRequest>,
+    ) -> Result<Response<pb::GetRunAssignmentResponse>, Status> {
+        let r = req.into_inner();
+        let scope = Scope::from_columns(&r.tenant, &r.pool).ok_or_else(|| {
+            Error::invalid("tenant", "exactly one of tenant and pool must be set")
+        })?;
+        if r.run_id.is_empty() || r.run_id.len() > 64 {
+            return Err(Error::invalid("run_id", "must be 1 to 64 bytes").into());
+        }
+        let task = self
+            .engine
+            .store()
+            .running_task_of_run(&scope, &r.run_id)
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| Error::NotFound(format!("running run {}", r.run_id)))?;
+        let assignment = self.engine.assignment(&task).await?;
+        Ok(Response::new(pb::GetRunAssignmentResponse {
+            assignment: Some(assignment),
+            worker_id: task.worker_id,
         }))
     }
 

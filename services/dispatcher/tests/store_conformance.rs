@@ -1040,6 +1040,22 @@ async fn start_and_renew(h: Harness) {
     );
     assert_eq!(running, get(s, "t1").await);
     assert_eq!(start("w1", 1, NOW + 2 * SECOND).await, None, "started once");
+    let of_run = |scope: Scope, run: &'static str| async move {
+        s.running_task_of_run(&scope, run).await.expect("by run")
+    };
+    assert_eq!(of_run(acme.clone(), "run-1").await, Some(running.clone()));
+    assert_eq!(
+        of_run(tenant("globex"), "run-1").await,
+        None,
+        "another tenant"
+    );
+    assert_eq!(
+        of_run(Scope::Pool("acme".into()), "run-1").await,
+        None,
+        "a pool"
+    );
+    assert_eq!(of_run(acme.clone(), "run-2").await, None, "another run");
+    assert_eq!(of_run(acme.clone(), "").await, None, "no run");
 
     let at = NOW + 10 * SECOND;
     let listed = vec![

@@ -223,6 +223,14 @@ pub trait DispatchStore: Send + Sync + std::fmt::Debug {
         idempotency_key: &str,
         since_ms: i64,
     ) -> Result<Option<TaskRow>, StoreError>;
+    /// The task of `scope` whose current attempt is the running run `run_id`,
+    /// with its payload; `None` for any other state (not yet accepted,
+    /// finished, released, another scope).
+    async fn running_task_of_run(
+        &self,
+        scope: &Scope,
+        run_id: &str,
+    ) -> Result<Option<TaskRow>, StoreError>;
     /// One task by id, with its payload, whatever its scope (callers check it).
     async fn get_task(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError>;
     /// Tasks newest first (`seq` descending) with `seq < before_seq` (`None`:

@@ -103,6 +103,7 @@ const SCHEMA: &[&str] = &[
     "CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (tenant, pool, idempotency_key)
         WHERE idempotency_key <> ''",
     "CREATE INDEX IF NOT EXISTS tasks_scope_newest ON tasks (tenant, pool, seq)",
+    "CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id) WHERE run_id <> ''",
 ];
 
 /// Every column of the task row `t`, as `RawTask` reads it.
@@ -510,6 +511,27 @@ impl DispatchStore for PgStore {
         .bind(pool)
         .bind(idempotency_key)
         .bind(since_ms)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(RawTask::decode)
+        .transpose()
+    }
+
+    async fn running_task_of_run(
+        &self,
+        scope: &Scope,
+        run_id: &str,
+    ) -> Result<Option<TaskRow>, StoreError> {
+        let (tenant, pool) = scope.columns();
+        sqlx::query_as::<_, RawTask>(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks AS t WHERE t.run_id = $1 AND t.run_id <> '' AND t.tenant = $2 \
+              AND t.pool = $3 AND t.status = 'running'"
+        ))
+        .bind(run_id)
+        .bind(tenant)
+        .bind(pool)
         .fetch_optional(&self.pool)
         .await?
         .map(RawTask::decode)

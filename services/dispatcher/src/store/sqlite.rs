@@ -110,6 +110,7 @@ const SCHEMA: &[&str] = &[
     "CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (tenant, pool, idempotency_key)
         WHERE idempotency_key <> ''",
     "CREATE INDEX IF NOT EXISTS tasks_scope_newest ON tasks (tenant, pool, seq)",
+    "CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id) WHERE run_id <> ''",
 ];
 
 /// Every column of a task, as `RawTask` reads it.
@@ -673,6 +674,27 @@ impl DispatchStore for SqliteStore {
 
     async fn get_task(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
         self.task(task_id).await
+    }
+
+    async fn running_task_of_run(
+        &self,
+        scope: &Scope,
+        run_id: &str,
+    ) -> Result<Option<TaskRow>, StoreError> {
+        let (tenant, pool) = scope.columns();
+        sqlx::query_as::<_, RawTask>(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE run_id = ?1 AND run_id <> '' AND tenant = ?2 AND pool = ?3 \
+              AND status = 'running'"
+        ))
+        .bind(run_id)
+        .bind(tenant)
+        .bind(pool)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(RawTask::decode)
+        .transpose()
     }
 
     async fn list_tasks(
