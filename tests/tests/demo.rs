@@ -1,6 +1,7 @@
 //! `bulkhead demo`, the README's main job, run as a user runs it: the real
 //! binary on a fresh directory. It must exit 0 with every guarantee held
-//! (the refused cross-tenant claim, zero leaks, a verified audit log), stop
+//! (the refused cross-tenant claim, each sandbox calling the vendor API with
+//! its own key, zero leaks, a verified audit log), stop
 //! every process it started, and leave a mesh directory whose audit log
 //! `bulkhead audit verify` accepts — offline from the export it wrote, and
 //! over the wire once `bulkhead dev up` serves the same data again.
@@ -103,6 +104,10 @@ fn the_demo_keeps_every_guarantee_and_leaves_a_verifiable_audit_log() -> anyhow:
         "canaries × ",
         "✓ the audit service verifies its log",
         "✓ a full export verifies offline with the public key alone",
+        "✓ mercy-clinic's sandbox called the vendor API with mercy-clinic's own key",
+        "✓ ledgerly's sandbox called the vendor API with ledgerly's own key",
+        "✓ positive control: each key was in exactly one sandbox, its own tenant's",
+        "✓ zero leaks: the keys reached their sandboxes and nothing else",
         "tree head: ",
         "guarantee checks held",
     ] {

@@ -89,6 +89,8 @@ pub struct WorkerSpec<'a> {
     pub labels: &'a str,
     /// The host's sandbox-runner, when runs go to sandboxes.
     pub sandbox: Option<&'a str>,
+    /// The backend asked of it (`docker` or `process`).
+    pub sandbox_backend: Option<&'a str>,
 }
 
 impl<'a> WorkerSpec<'a> {
@@ -99,6 +101,7 @@ impl<'a> WorkerSpec<'a> {
             pool: "",
             labels,
             sandbox: None,
+            sandbox_backend: None,
         }
     }
 
@@ -109,6 +112,7 @@ impl<'a> WorkerSpec<'a> {
             pool,
             labels,
             sandbox: None,
+            sandbox_backend: None,
         }
     }
 }
@@ -162,9 +166,8 @@ impl Stage {
                 (t.path().to_owned(), Some(t))
             }
         };
-        if Endpoints::path(&dir).exists() {
-            // A previous run's endpoints must not be mistaken for this one's.
-            std::fs::remove_file(Endpoints::path(&dir))?;
+        if temp.is_none() {
+            fresh_state(&dir).await?;
         }
         let mut spec = MeshSpec::new(&dir);
         spec.trust_domain = TRUST_DOMAIN.into();
@@ -294,11 +297,6 @@ impl Stage {
         let token = Zeroizing::new(self.join_token(spec.tenant, spec.pool).await?);
         let exe = bulkhead_cluster::find_binary("worker", None)?;
         let dir = self.dir.join("workers").join(spec.name);
-        if dir.exists() {
-            // A worker of an earlier demo in the same directory: its SVID is
-            // of another CA's making.
-            std::fs::remove_dir_all(&dir)?;
-        }
         std::fs::create_dir_all(dir.join("state"))?;
         std::fs::create_dir_all(dir.join("runs"))?;
         let log = dir.join("worker.log");
@@ -325,6 +323,9 @@ impl Stage {
             .arg("json");
         if let Some(runner) = spec.sandbox {
             cmd.arg("--sandbox-runner").arg(runner);
+        }
+        if let Some(backend) = spec.sandbox_backend {
+            cmd.arg("--sandbox-backend").arg(backend);
         }
         let child = cmd
             // A credential: in the environment, never on the command line.
@@ -540,6 +541,58 @@ impl Stage {
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// What a mesh directory holds besides its PKI.
+const MESH_STATE: &[&str] = &[
+    "data",
+    "logs",
+    "config",
+    "workers",
+    "endpoints.json",
+    "audit-view-token",
+    super::trail::EXPORT_FILE,
+];
+
+/// The demo tells its story from a fresh state: an earlier demo's or dev
+/// mesh's state in `dir` is removed (its PKI is kept); a mesh still running
+/// there, or a directory that is not a mesh's, is refused.
+async fn fresh_state(dir: &Path) -> anyhow::Result<()> {
+    let is_mesh = dir.join("pki/ca.pem").exists() || Endpoints::path(dir).exists();
+    let empty = std::fs::read_dir(dir)?.next().is_none();
+    if empty {
+        return Ok(());
+    }
+    ensure!(
+        is_mesh,
+        "{} is neither empty nor a Bulkhead mesh directory; pass an empty or new one",
+        dir.display()
+    );
+    if let Ok(endpoints) = Endpoints::load(dir)
+        && let Ok((id, bundle)) = endpoints.operator()
+        && let Ok(addr) = endpoints.address("audit")
+        && bulkhead_cluster::health(addr, &id, &bundle).await.is_ok()
+    {
+        bail!(
+            "a mesh is running in {} (bulkhead dev up?); stop it before the demo",
+            dir.display()
+        );
+    }
+    println!(
+        "the demo starts afresh: removing the earlier mesh state in {} (its PKI is kept)",
+        dir.display()
+    );
+    for name in MESH_STATE {
+        let p = dir.join(name);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+                .with_context(|| format!("failed to remove {}", p.display()))?;
+        } else if p.exists() {
+            std::fs::remove_file(&p)
+                .with_context(|| format!("failed to remove {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// An agent version to submit.
