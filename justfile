@@ -36,3 +36,9 @@ compose +args="up -d":
     mkdir -p deploy/run/pki deploy/run/sandbox-runner
     BULKHEAD_UID=$(id -u) BULKHEAD_GID=$(id -g) BULKHEAD_RUNNER_DIR="$PWD/deploy/run/sandbox-runner" \
         docker-compose --file deploy/docker-compose.yml {{args}}
+
+# The multi-tenant walkthrough on a local mesh, its data kept in DIR; exits
+# non-zero if a guarantee failed.
+demo dir=".bulkhead":
+    cargo build --workspace --bins --locked
+    ./target/debug/bulkhead demo --dir {{dir}}
