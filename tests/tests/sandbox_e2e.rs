@@ -1224,9 +1224,10 @@ async fn the_process_backend_runs_the_agent_with_its_key() -> anyhow::Result<()>
     e2e.profile_with_key("acme", "acme-prod", &key).await?;
     e2e.approved_agent(
         "keyed-process",
-        "host-process",
+        // A process-backend agent names its program as its image.
+        "/bin/sh",
         &[
-            "sh",
+            "/bin/sh",
             "-c",
             "echo \"key=$API_KEY\"; echo \"$API_KEY\" | base64; env | grep -c PATH",
         ],
