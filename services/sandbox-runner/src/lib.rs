@@ -3,6 +3,7 @@
 //! - [`service`]: the gRPC handlers and their authorization table.
 //! - [`runner`]: start (token check, launch, resolve, audited injection,
 //!   delivery), release and scrub, kills on hard revocations.
+//! - [`assignment`]: what the dispatcher assigned a run, which is what runs.
 //! - [`sandbox`]: the registry of sandboxes and each one's supervisor.
 //! - [`backend`]: Docker (bollard) and the process backend.
 //! - [`shim`]: the init shim that takes credentials on stdin and execs the agent.
@@ -11,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod assignment;
 pub mod backend;
 pub mod config;
 pub mod model;

@@ -10,6 +10,7 @@ use bulkhead_mesh::config::CommonFlags;
 use bulkhead_mesh::revocation::RevocationList;
 use bulkhead_mesh::server::MeshServer;
 use bulkhead_mesh::tls::ExpectServer;
+use bulkhead_proto::dispatcher::v1::dispatcher_service_client::DispatcherServiceClient;
 use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceClient;
 use bulkhead_sandbox_runner::runner::{Parts, Peers, Runner};
@@ -57,11 +58,14 @@ async fn main() -> anyhow::Result<()> {
         .load()
         .context("failed to load the tls files")?;
     let peers = &config.mesh.peers;
-    let (Some(audit_addr), Some(identity_addr), Some(sealed_addr)) =
-        (&peers.audit, &peers.identity, &peers.sealed_vault)
-    else {
+    let (Some(audit_addr), Some(identity_addr), Some(sealed_addr), Some(dispatcher_addr)) = (
+        &peers.audit,
+        &peers.identity,
+        &peers.sealed_vault,
+        &peers.dispatcher,
+    ) else {
         bail!(
-            "peers.audit, peers.identity and peers.sealed_vault are required: credentials come from sealed-vault, checked against identity, and every injection is audited"
+            "peers.audit, peers.identity, peers.sealed_vault and peers.dispatcher are required: credentials come from sealed-vault, checked against identity, what runs is what the dispatcher assigned, and every injection is audited"
         );
     };
     let dial = |addr: &str, name: &str| {
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let peers = Peers {
         sealed: SealedVaultServiceClient::new(dial(sealed_addr, "sealed-vault")?),
         identity: IdentityServiceClient::new(dial(identity_addr, "identity")?),
+        dispatcher: DispatcherServiceClient::new(dial(dispatcher_addr, "dispatcher")?),
         audit: AuditClient::new(dial(audit_addr, "audit")?),
     };
     let shim = shim::install(&config.shim_dir()).context("failed to install the init shim")?;

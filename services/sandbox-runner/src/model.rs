@@ -314,8 +314,10 @@ impl TryFrom<pb::StartSandboxRequest> for StartRequest {
         if !r.task_id.is_empty() && !valid_id(&r.task_id) {
             return Err(Error::invalid("task_id", "1 to 64 bytes of [A-Za-z0-9_-]"));
         }
-        if r.image.is_empty() || r.image.len() > MAX_IMAGE {
-            return Err(Error::invalid("image", "1 to 512 bytes"));
+        // Empty: the assignment's (the runner takes image, command, cascade,
+        // agent, tool, keys and payload from the dispatcher's assignment).
+        if r.image.len() > MAX_IMAGE {
+            return Err(Error::invalid("image", "at most 512 bytes"));
         }
         if r.image.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return Err(Error::invalid("image", "no spaces or control characters"));
@@ -459,10 +461,19 @@ mod tests {
         );
         assert_eq!(
             field(pb::StartSandboxRequest {
-                image: String::new(),
+                image: "a b".into(),
                 ..ok()
             }),
             "image"
+        );
+        // Empty fields take the assignment's.
+        assert!(
+            StartRequest::try_from(pb::StartSandboxRequest {
+                image: String::new(),
+                command: Vec::new(),
+                ..ok()
+            })
+            .is_ok()
         );
         assert_eq!(
             field(pb::StartSandboxRequest {

@@ -14,6 +14,8 @@ use bulkhead_mesh::jwt::{self, JwtBundle};
 use bulkhead_mesh::revocation::RevocationList;
 use bulkhead_mesh::spiffe::{Principal, SpiffeId, TrustDomain};
 use bulkhead_mesh::tls::RevocationCheck as _;
+use bulkhead_proto::dispatcher::v1 as disp_pb;
+use bulkhead_proto::dispatcher::v1::dispatcher_service_client::DispatcherServiceClient;
 use bulkhead_proto::identity::v1 as id_pb;
 use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use bulkhead_proto::sealed::v1 as sealed_pb;
@@ -21,6 +23,7 @@ use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceC
 use tokio::sync::mpsc;
 use zeroize::{Zeroize as _, Zeroizing};
 
+use crate::assignment::Assigned;
 use crate::backend::docker::DockerBackend;
 use crate::backend::process::ProcessBackend;
 use crate::backend::{Backend, BackendError, LaunchSpec};
@@ -39,6 +42,8 @@ const BUNDLE_REFRESH: Duration = Duration::from_secs(30);
 const SUPERVISOR_GRACE: Duration = Duration::from_secs(10);
 /// How long revoking the run identity may take at release.
 const REVOKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the dispatcher may take to say what a run was assigned.
+const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Env names the runner sets for the agent, after the cascade's.
 pub const ENV_JWT: &str = "BULKHEAD_JWT_SVID";
 pub const ENV_RUN: &str = "BULKHEAD_RUN_ID";
@@ -51,6 +56,8 @@ pub const ENV_SANDBOX: &str = "BULKHEAD_SANDBOX_ID";
 pub struct Peers {
     pub sealed: SealedVaultServiceClient<MeshChannel>,
     pub identity: IdentityServiceClient<MeshChannel>,
+    /// Says what each run was assigned (GetRunAssignment): what runs.
+    pub dispatcher: DispatcherServiceClient<MeshChannel>,
     pub audit: AuditClient,
 }
 
@@ -81,6 +88,8 @@ struct Policy {
     max_sandboxes: usize,
     images: Vec<String>,
     programs: Vec<String>,
+    /// Where a bare program name of an agent's command is looked up.
+    process_path: String,
     networks: std::collections::BTreeMap<String, Vec<String>>,
     limits: LimitsConfig,
 }
@@ -209,6 +218,7 @@ impl Runner {
                     max_sandboxes: c.max_sandboxes as usize,
                     images: c.images.clone(),
                     programs: c.programs.clone(),
+                    process_path: c.process_path.clone(),
                     networks: c.networks.clone(),
                     limits,
                 },
@@ -279,6 +289,77 @@ impl Runner {
 
     async fn record(&self, event: bulkhead_proto::audit::v1::NewEvent) -> Result<u64, Error> {
         self.inner.peers.audit.record_one(event).await
+    }
+
+    /// Records a refused start as `sandbox.refused` (best effort: the start
+    /// is refused whether or not audit records it).
+    async fn refused<const N: usize>(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        who: &Who,
+        reason: &str,
+        extra: [(&'static str, String); N],
+    ) {
+        let refusal = audit::event(
+            "sandbox.refused",
+            tenant,
+            run_id,
+            Outcome::Denied,
+            [
+                ("reason", reason.to_owned()),
+                ("worker", who.id.to_string()),
+                ("runner", self.inner.self_id.clone()),
+            ]
+            .into_iter()
+            .chain(extra),
+        );
+        if let Err(e) = self.record(refusal).await {
+            tracing::warn!(error = %e, "could not record a refused sandbox start");
+        }
+        tracing::info!(run = %run_id, worker = %who.id, reason, "sandbox start refused");
+    }
+
+    /// What the dispatcher assigned the run `run_id` (of `tenant`, or of
+    /// `pool`). Fails closed: an unreachable dispatcher is UNAVAILABLE, a run
+    /// that is not running (never accepted, cancelled, finished, or handed to
+    /// another attempt) is FAILED_PRECONDITION, and recorded.
+    async fn assignment(
+        &self,
+        who: &Who,
+        tenant: &str,
+        pool: &str,
+        run_id: &str,
+    ) -> Result<Assigned, Error> {
+        let mut dispatcher = self.inner.peers.dispatcher.clone();
+        let call = dispatcher.get_run_assignment(disp_pb::GetRunAssignmentRequest {
+            tenant: tenant.to_owned(),
+            pool: pool.to_owned(),
+            run_id: run_id.to_owned(),
+        });
+        let resp = match tokio::time::timeout(ASSIGNMENT_TIMEOUT, call).await {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => {
+                self.refused(tenant, run_id, who, "run not running", [])
+                    .await;
+                return Err(Error::FailedPrecondition(format!(
+                    "run {run_id} is not running at the dispatcher (not accepted, cancelled or finished)"
+                )));
+            }
+            Ok(Err(s)) => {
+                return Err(Error::unavailable(
+                    "dispatcher",
+                    std::io::Error::other(format!("{:?}: {}", s.code(), s.message())),
+                ));
+            }
+            Err(_) => {
+                return Err(Error::unavailable(
+                    "dispatcher",
+                    std::io::Error::other("no answer in time"),
+                ));
+            }
+        };
+        Assigned::from_response(resp, tenant, pool, run_id)
     }
 
     /// The trust domain's JWT keys, refreshed from identity; `force` after an
@@ -469,36 +550,97 @@ impl Runner {
             .map_err(Error::internal)?
     }
 
-    async fn start_checked(&self, who: Who, req: StartRequest) -> Result<Arc<Sandbox>, Error> {
+    async fn start_checked(&self, who: Who, mut req: StartRequest) -> Result<Arc<Sandbox>, Error> {
         let token = self.validate_token(&req.run_jwt_svid).await?;
-        let (run_tenant, run_id) = match token.subject.principal() {
-            Principal::Run { tenant, run } => (tenant.to_owned(), run.to_owned()),
-            Principal::PoolRun { run, .. } => (String::new(), run.to_owned()),
+        let (run_tenant, run_pool, run_id) = match token.subject.principal() {
+            Principal::Run { tenant, run } => (tenant.to_owned(), String::new(), run.to_owned()),
+            Principal::PoolRun { pool, run } => (String::new(), pool.to_owned(), run.to_owned()),
             _ => return Err(Error::denied("the token is not a run's")),
         };
         // The worker's tenant is the request's (the mesh checked it against
         // the worker's certificate); the run must be of that tenant.
         if run_tenant != req.tenant {
-            let refusal = audit::event(
-                "sandbox.refused",
+            self.refused(
                 &req.tenant,
                 &run_id,
-                Outcome::Denied,
-                [
-                    ("reason", "run of another tenant".to_owned()),
-                    ("run_tenant", run_tenant.clone()),
-                    ("worker", who.id.to_string()),
-                ],
-            );
-            if let Err(e) = self.record(refusal).await {
-                tracing::warn!(error = %e, "could not record a refused sandbox start");
-            }
+                &who,
+                "run of another tenant",
+                [("run_tenant", run_tenant.clone())],
+            )
+            .await;
             return Err(Error::denied("the run is not of the tenant"));
         }
+        let worker_id = match who.id.principal() {
+            Principal::TenantWorker { worker, .. } => worker.to_owned(),
+            Principal::PoolWorker { pool, worker } if pool == run_pool => worker.to_owned(),
+            Principal::PoolWorker { .. } => {
+                self.refused(
+                    &req.tenant,
+                    &run_id,
+                    &who,
+                    "run of another pool",
+                    [("run_pool", run_pool.clone())],
+                )
+                .await;
+                return Err(Error::denied("the run is not of the worker's pool"));
+            }
+            _ => return Err(Error::denied("only workers start sandboxes")),
+        };
+        // What runs is what the dispatcher assigned the run, not what the
+        // worker asks for: the run must be running, held by this worker.
+        let assigned = self
+            .assignment(&who, &run_tenant, &run_pool, &run_id)
+            .await?;
+        if assigned.worker_id != worker_id {
+            self.refused(
+                &req.tenant,
+                &run_id,
+                &who,
+                "run of another worker",
+                [
+                    ("task_id", assigned.task_id.clone()),
+                    ("run_worker", assigned.worker_id.clone()),
+                ],
+            )
+            .await;
+            return Err(Error::denied(
+                "the run is held by another worker: a worker starts sandboxes only for its own runs",
+            ));
+        }
         let backend = self.choose_backend(req.backend).await?;
+        let program = match backend.kind() {
+            BackendKind::Process => Some(assigned.program(&self.inner.policy.process_path)?),
+            BackendKind::Docker => None,
+        };
+        if let Err(field) = assigned.settle(&mut req, program.as_deref()) {
+            self.refused(
+                &req.tenant,
+                &run_id,
+                &who,
+                "request differs from the run's assignment",
+                [
+                    ("field", field.to_owned()),
+                    ("task_id", assigned.task_id.clone()),
+                    ("agent", assigned.agent.clone()),
+                ],
+            )
+            .await;
+            return Err(Error::denied(format!(
+                "the request's {field} differs from the run's assignment: the runner runs only what the dispatcher assigned (leave {field} empty or send the assignment's)"
+            )));
+        }
         self.check_image(backend.kind(), &req.image)?;
         self.check_network(&req.tenant, &req.network)?;
-        let limits = self.limits(req.limits)?;
+        let mut limits = self.limits(req.limits)?;
+        // The sandbox ends by the attempt's deadline at the latest.
+        if let Some(left) = assigned.time_left(SystemTime::now()) {
+            if left.is_zero() {
+                return Err(Error::FailedPrecondition(
+                    "the run's deadline has passed".into(),
+                ));
+            }
+            limits.timeout = limits.timeout.min(left);
+        }
         let sb = self
             .inner
             .registry

@@ -31,27 +31,25 @@ async fn a_canary_reaches_the_agent_and_nothing_else() -> anyhow::Result<()> {
     };
     let canary = canary();
     mesh.profile("acme", &[("CANARY_KEY", &canary)]).await?;
-    let run = start_run(&mesh, "acme", "", "run-canary").await?;
-    let mut worker = mesh.runner_as(ACME_WORKER)?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
     let script = "echo $CANARY_KEY | base64; echo plain:$CANARY_KEY; env; \
                   grep Cap /proc/self/status; id; \
                   (echo x > /written) 2>&1 || echo root-is-read-only; \
                   (echo x > /tmp/ok) && echo tmp-is-writable; \
                   ls /sys/class/net; echo payload:$(cat)";
+    let run = w1
+        .run(&mesh, "acme", "", IMAGE, &["sh", "-c", script])
+        .await?;
+    let mut worker = mesh.runner_as(ACME_WORKER)?;
     let started = worker
-        .start_sandbox(start_request(
-            "acme",
-            &run,
-            IMAGE,
-            &["sh", "-c", script],
-            pb::SandboxBackend::Docker,
-        ))
+        .start_sandbox(start_request("acme", &run, pb::SandboxBackend::Docker))
         .await?
         .into_inner()
         .sandbox
         .expect("a sandbox");
     assert_eq!(started.injected_keys, vec!["CANARY_KEY".to_owned()]);
-    assert_eq!(started.run_id, "run-canary");
+    assert_eq!(started.run_id, run.id);
+    assert_eq!(started.task_id, run.task_id);
     assert_eq!(started.worker_id, "w1");
     let container = started.container_id.clone();
     assert!(!container.is_empty());
@@ -74,7 +72,10 @@ async fn a_canary_reaches_the_agent_and_nothing_else() -> anyhow::Result<()> {
         lines.contains(&"DEBUG=1"),
         "non-secret settings arrive: {out}"
     );
-    assert!(lines.contains(&"BULKHEAD_RUN_ID=run-canary"), "{out}");
+    assert!(
+        lines.contains(&format!("BULKHEAD_RUN_ID={}", run.id).as_str()),
+        "{out}"
+    );
     assert!(lines.contains(&"BULKHEAD_TENANT=acme"), "{out}");
     assert!(
         lines.contains(&"BULKHEAD_JWT_SVID=<redacted:BULKHEAD_JWT_SVID>"),
@@ -228,13 +229,7 @@ async fn a_canary_reaches_the_agent_and_nothing_else() -> anyhow::Result<()> {
     assert!(!leaks(&all, &canary), "an audit record holds the canary");
     // The run's token is refused from now on.
     let refused = worker
-        .start_sandbox(start_request(
-            "acme",
-            &run,
-            IMAGE,
-            &["true"],
-            pb::SandboxBackend::Docker,
-        ))
+        .start_sandbox(start_request("acme", &run, pb::SandboxBackend::Docker))
         .await;
     assert_eq!(
         refused.expect_err("revoked run").code(),
@@ -259,16 +254,11 @@ async fn a_hard_revocation_kills_the_sandbox_within_a_second() -> anyhow::Result
         return Ok(());
     };
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
-    let run = start_run(&mesh, "acme", "", "run-revoked").await?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let run = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
     let mut worker = mesh.runner_as(ACME_WORKER)?;
     let sb = worker
-        .start_sandbox(start_request(
-            "acme",
-            &run,
-            IMAGE,
-            &["sleep", "300"],
-            pb::SandboxBackend::Docker,
-        ))
+        .start_sandbox(start_request("acme", &run, pb::SandboxBackend::Docker))
         .await?
         .into_inner()
         .sandbox
@@ -349,29 +339,31 @@ async fn refusals_leave_nothing_running() -> anyhow::Result<()> {
     };
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
     mesh.profile("globex", &[("API_KEY", &canary())]).await?;
-    let globex_run = start_run(&mesh, "globex", "", "run-globex").await?;
-    let acme_run = start_run(&mesh, "acme", "", "run-acme").await?;
+    let mut globex_worker = mesh.worker("tenant/globex/worker/g1").await?;
+    let globex_run = globex_worker
+        .run(&mesh, "globex", "", IMAGE, &["true"])
+        .await?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let acme_run = w1.run(&mesh, "acme", "", IMAGE, &["true"]).await?;
     let mut worker = mesh.runner_as(ACME_WORKER)?;
-    let req = |run: &Run| start_request("acme", run, IMAGE, &["true"], pb::SandboxBackend::Docker);
+    let req = |run: &Run| start_request("acme", run, pb::SandboxBackend::Docker);
 
     // A run token of tenant B presented by a worker of tenant A.
     let r = worker.start_sandbox(req(&globex_run)).await;
     assert_eq!(r.expect_err("cross-tenant").code(), Code::PermissionDenied);
-    let refused = mesh.audited("sandbox.refused", "run-globex").await?;
+    let refused = mesh.audited("sandbox.refused", &globex_run.id).await?;
     assert_eq!(
         refused.outcome(),
         bulkhead_proto::audit::v1::Outcome::Denied
     );
     // A worker naming another tenant is refused by the mesh itself.
-    let mut r = start_request(
-        "globex",
-        &globex_run,
-        IMAGE,
-        &["true"],
-        pb::SandboxBackend::Docker,
-    );
-    r.tenant = "globex".into();
-    let r = worker.start_sandbox(r).await;
+    let r = worker
+        .start_sandbox(start_request(
+            "globex",
+            &globex_run,
+            pb::SandboxBackend::Docker,
+        ))
+        .await;
     assert_eq!(
         r.expect_err("foreign tenant").code(),
         Code::PermissionDenied
@@ -381,17 +373,29 @@ async fn refusals_leave_nothing_running() -> anyhow::Result<()> {
     forged.run_jwt_svid = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.".into();
     let r = worker.start_sandbox(forged).await;
     assert_eq!(r.expect_err("forged token").code(), Code::Unauthenticated);
-    // An image the runner does not allow, and an allowed one that is absent.
+    // Another image than the run's agent's: the worker does not choose.
     let mut r = req(&acme_run);
-    r.image = "alpine:latest".into();
+    r.image = "bulkhead-test-agent:other".into();
+    let e = worker.start_sandbox(r).await.expect_err("another image");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("image differs"), "{e:?}");
+    // An agent whose image the runner does not allow, and an allowed one
+    // that is absent.
+    let run = w1
+        .run(&mesh, "acme", "", "alpine:latest", &["true"])
+        .await?;
     let e = worker
-        .start_sandbox(r)
+        .start_sandbox(req(&run))
         .await
         .expect_err("image not allowed");
     assert_eq!(e.code(), Code::PermissionDenied);
-    let mut r = req(&acme_run);
-    r.image = "bulkhead-test-agent:absent".into();
-    let e = worker.start_sandbox(r).await.expect_err("image absent");
+    let run = w1
+        .run(&mesh, "acme", "", "bulkhead-test-agent:absent", &["true"])
+        .await?;
+    let e = worker
+        .start_sandbox(req(&run))
+        .await
+        .expect_err("image absent");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     // A network not allowed for the tenant.
     let mut r = req(&acme_run);
@@ -430,11 +434,13 @@ async fn refusals_leave_nothing_running() -> anyhow::Result<()> {
     let e = worker.start_sandbox(r).await.expect_err("too many cpus");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("limits.cpu_millis"), "{e:?}");
-    // A key the cascade lacks, from sealed-vault.
+    // Keys the agent did not request (a key the cascade lacks is refused
+    // at enqueue).
     let mut r = req(&acme_run);
     r.secret_keys = vec!["NOT_THERE".into()];
     let e = worker.start_sandbox(r).await.expect_err("unknown key");
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("secret_keys differs"), "{e:?}");
 
     assert!(
         mesh.containers()?.is_empty(),
@@ -466,8 +472,12 @@ async fn without_audit_nothing_starts() -> anyhow::Result<()> {
     };
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
     // Minted while audit runs: identity records every mint.
-    let tenant_run = start_run(&mesh, "acme", "", "run-no-audit").await?;
-    let pool_run = start_run(&mesh, "", "shared", "run-pool-no-audit").await?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let tenant_run = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
+    let mut p1 = mesh.worker("pool/shared/worker/p1").await?;
+    let pool_run = p1
+        .run(&mesh, "", "shared", IMAGE, &["sleep", "300"])
+        .await?;
     mesh.mesh
         .mesh
         .process_mut("audit")
@@ -482,8 +492,6 @@ async fn without_audit_nothing_starts() -> anyhow::Result<()> {
         .start_sandbox(start_request(
             "acme",
             &tenant_run,
-            IMAGE,
-            &["sleep", "300"],
             pb::SandboxBackend::Docker,
         ))
         .await;
@@ -494,13 +502,7 @@ async fn without_audit_nothing_starts() -> anyhow::Result<()> {
     // (of the run's token) is what fails, and the sandbox never gets it.
     let mut pool_worker = mesh.runner_as("pool/shared/worker/p1")?;
     let r = pool_worker
-        .start_sandbox(start_request(
-            "",
-            &pool_run,
-            IMAGE,
-            &["sleep", "300"],
-            pb::SandboxBackend::Docker,
-        ))
+        .start_sandbox(start_request("", &pool_run, pb::SandboxBackend::Docker))
         .await;
     assert_eq!(r.expect_err("audit down").code(), Code::Unavailable);
     assert!(mesh.containers()?.is_empty(), "no container remains");
@@ -521,22 +523,26 @@ async fn a_tenant_revocation_kills_every_sandbox_of_the_tenant_and_no_other() ->
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
     mesh.profile("globex", &[("API_KEY", &canary())]).await?;
     let mut started = Vec::new();
-    for (tenant, run) in [("acme", "run-t1"), ("acme", "run-t2"), ("globex", "run-g1")] {
-        let r = start_run(&mesh, tenant, "", run).await?;
-        let mut worker = mesh.runner_as(&format!("tenant/{tenant}/worker/w1"))?;
+    let mut acme = mesh.worker("tenant/acme/worker/w1").await?;
+    // Worker ids are unique in the deployment.
+    let mut globex = mesh.worker("tenant/globex/worker/g1").await?;
+    let mut runs = Vec::new();
+    for tenant in ["acme", "acme", "globex"] {
+        let w = if tenant == "acme" {
+            &mut acme
+        } else {
+            &mut globex
+        };
+        let r = w.run(&mesh, tenant, "", IMAGE, &["sleep", "300"]).await?;
+        let mut worker = w.runner(&mesh)?;
         let sb = worker
-            .start_sandbox(start_request(
-                tenant,
-                &r,
-                IMAGE,
-                &["sleep", "300"],
-                pb::SandboxBackend::Docker,
-            ))
+            .start_sandbox(start_request(tenant, &r, pb::SandboxBackend::Docker))
             .await?
             .into_inner()
             .sandbox
             .expect("sandbox");
         started.push((tenant, sb));
+        runs.push(r);
     }
     // The tenant's workers are revoked too: an operator watches.
     let mut operator = mesh.runner_as(OPERATOR)?;
@@ -574,8 +580,8 @@ async fn a_tenant_revocation_kills_every_sandbox_of_the_tenant_and_no_other() ->
         assert_eq!(exit.reason(), pb::ExitReason::Revoked);
     }
     assert!(at.elapsed() < Duration::from_secs(1), "{:?}", at.elapsed());
-    for run in ["run-t1", "run-t2"] {
-        let e = mesh.audited("run.aborted_by_revocation", run).await?;
+    for run in &runs[..2] {
+        let e = mesh.audited("run.aborted_by_revocation", &run.id).await?;
         assert_eq!(e.attributes["revoked"], "tenant:acme");
     }
     // The other tenant's sandbox runs on.
@@ -629,14 +635,17 @@ async fn limits_end_a_sandbox() -> anyhow::Result<()> {
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
     let mut worker = mesh.runner_as(ACME_WORKER)?;
     // Memory: a shell string that doubles until the limit.
-    let run = start_run(&mesh, "acme", "", "run-oom").await?;
-    let mut req = start_request(
-        "acme",
-        &run,
-        IMAGE,
-        &["sh", "-c", "a=aaaaaaaaaaaaaaaa; while :; do a=$a$a; done"],
-        pb::SandboxBackend::Docker,
-    );
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let run = w1
+        .run(
+            &mesh,
+            "acme",
+            "",
+            IMAGE,
+            &["sh", "-c", "a=aaaaaaaaaaaaaaaa; while :; do a=$a$a; done"],
+        )
+        .await?;
+    let mut req = start_request("acme", &run, pb::SandboxBackend::Docker);
     req.limits = Some(pb::Limits {
         memory_bytes: 16 << 20,
         ..Default::default()
@@ -650,14 +659,8 @@ async fn limits_end_a_sandbox() -> anyhow::Result<()> {
     let (_, _, exit) = collect(&mut worker, "acme", &sb.sandbox_id).await?;
     assert_eq!(exit.reason(), pb::ExitReason::OomKilled, "{exit:?}");
     // Wall clock: killed at the end of its timeout.
-    let run = start_run(&mesh, "acme", "", "run-timeout").await?;
-    let mut req = start_request(
-        "acme",
-        &run,
-        IMAGE,
-        &["sleep", "300"],
-        pb::SandboxBackend::Docker,
-    );
+    let run = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
+    let mut req = start_request("acme", &run, pb::SandboxBackend::Docker);
     req.limits = Some(pb::Limits {
         timeout: Some(prost_types::Duration {
             seconds: 1,
@@ -698,16 +701,11 @@ async fn a_crashed_runner_leaves_no_sandbox_behind() -> anyhow::Result<()> {
         return Ok(());
     };
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
-    let run = start_run(&mesh, "acme", "", "run-crash").await?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let run = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
     let mut worker = mesh.runner_as(ACME_WORKER)?;
     worker
-        .start_sandbox(start_request(
-            "acme",
-            &run,
-            IMAGE,
-            &["sleep", "300"],
-            pb::SandboxBackend::Docker,
-        ))
+        .start_sandbox(start_request("acme", &run, pb::SandboxBackend::Docker))
         .await?;
     assert_eq!(mesh.containers()?.len(), 1);
     // SIGKILL: no shutdown path runs. The restarted runner removes what its
@@ -742,19 +740,15 @@ async fn worker_and_secret_hard_revocations_kill_their_sandboxes() -> anyhow::Re
     };
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
     let mut operator = mesh.runner_as(OPERATOR)?;
-    let sleep = |run: &Run| {
-        start_request(
-            "acme",
-            run,
-            IMAGE,
-            &["sleep", "300"],
-            pb::SandboxBackend::Docker,
-        )
-    };
+    let sleep = |run: &Run| start_request("acme", run, pb::SandboxBackend::Docker);
 
     // A worker enrolled at identity, revoked hard: its sandbox dies with it.
     let (worker_id, worker_identity) = enroll_worker(&mesh, "acme").await?;
-    let run = start_run_on(&mesh, "acme", "", "run-of-worker", &worker_id).await?;
+    let mut enrolled_worker = mesh.worker_with(worker_identity.clone()).await?;
+    assert_eq!(enrolled_worker.id, worker_id);
+    let run = enrolled_worker
+        .run(&mesh, "acme", "", IMAGE, &["sleep", "300"])
+        .await?;
     let mut enrolled =
         bulkhead_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient::new(
             mesh.mesh.channel("sandbox-runner", &worker_identity)?,
@@ -804,7 +798,10 @@ async fn worker_and_secret_hard_revocations_kill_their_sandboxes() -> anyhow::Re
 
     // A secret revoked hard at sealed-vault: the runs holding it are revoked
     // at identity, and their sandboxes die.
-    let run = start_run(&mesh, "acme", "", "run-holding-key").await?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let run = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
+    // Enqueued and accepted before the revocation, started after it.
+    let next = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
     let mut worker = mesh.runner_as(ACME_WORKER)?;
     let sb = worker
         .start_sandbox(sleep(&run))
@@ -838,7 +835,6 @@ async fn worker_and_secret_hard_revocations_kill_their_sandboxes() -> anyhow::Re
     assert_eq!(exit.reason(), pb::ExitReason::Revoked);
     mesh.audited("run.aborted_by_revocation", &run.id).await?;
     // And the next start of a run needing the key fails closed.
-    let next = start_run(&mesh, "acme", "", "run-after-revocation").await?;
     let e = worker
         .start_sandbox(sleep(&next))
         .await
@@ -860,16 +856,11 @@ async fn a_stopped_runner_releases_every_sandbox() -> anyhow::Result<()> {
         return Ok(());
     };
     mesh.profile("acme", &[("API_KEY", &canary())]).await?;
-    let run = start_run(&mesh, "acme", "", "run-shutdown").await?;
+    let mut w1 = mesh.worker(ACME_WORKER).await?;
+    let run = w1.run(&mesh, "acme", "", IMAGE, &["sleep", "300"]).await?;
     let mut worker = mesh.runner_as(ACME_WORKER)?;
     let sb = worker
-        .start_sandbox(start_request(
-            "acme",
-            &run,
-            IMAGE,
-            &["sleep", "300"],
-            pb::SandboxBackend::Docker,
-        ))
+        .start_sandbox(start_request("acme", &run, pb::SandboxBackend::Docker))
         .await?
         .into_inner()
         .sandbox

@@ -44,9 +44,6 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 /// The runner's bounds on a sandbox's timeout.
 const MIN_SANDBOX_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_SANDBOX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Where a bare program name of the process backend is looked for (the
-/// runner wants an absolute path).
-const PROGRAM_DIRS: &[&str] = &["/usr/local/bin", "/usr/bin", "/bin"];
 
 type RunnerClient = SandboxServiceClient<MeshChannel>;
 
@@ -130,30 +127,17 @@ impl SandboxRunner {
         }
     }
 
-    fn start_request(
-        &self,
-        spec: StartSpec<'_>,
-        token: &str,
-    ) -> Result<pb::StartSandboxRequest, RunResult> {
-        let (image, command) = match self.backend {
-            Backend::Docker => (spec.agent.image.clone(), spec.agent.command.clone()),
-            Backend::Process => {
-                let Some(first) = spec.agent.command.first() else {
-                    return Err(RunResult::error(
-                        "the agent has no command for the process backend",
-                    ));
-                };
-                let program = program_path(first)
-                    .ok_or_else(|| RunResult::error(format!("program {first} not found")))?;
-                (program, spec.agent.command.clone())
-            }
-        };
-        Ok(pb::StartSandboxRequest {
+    fn start_request(&self, spec: StartSpec<'_>, token: &str) -> pb::StartSandboxRequest {
+        // The runner runs what the dispatcher assigned the run (it asks the
+        // dispatcher, and refuses a request that differs): these are the
+        // assignment's, sent as they are. For the process backend the runner
+        // finds the program from the command's argv[0].
+        pb::StartSandboxRequest {
             tenant: spec.tenant.to_owned(),
             run_jwt_svid: token.to_owned(),
             task_id: spec.task_id.to_owned(),
-            image,
-            command,
+            image: spec.agent.image.clone(),
+            command: spec.agent.command.clone(),
             cascade: spec.cascade,
             agent: spec.agent.name.clone(),
             tool: spec.agent.tool.clone(),
@@ -173,7 +157,7 @@ impl SandboxRunner {
                 Backend::Docker => pb::SandboxBackend::Docker,
                 Backend::Process => pb::SandboxBackend::Process,
             } as i32,
-        })
+        }
     }
 
     /// Starts the sandbox. A cancel or the deadline while it starts does not
@@ -300,7 +284,7 @@ impl Runner for SandboxRunner {
             Ok(r) => r,
             Err(r) => return r,
         };
-        let req = match self.start_request(
+        let req = self.start_request(
             StartSpec {
                 tenant: &tenant,
                 task_id: &task_id,
@@ -310,10 +294,7 @@ impl Runner for SandboxRunner {
                 deadline,
             },
             &token,
-        ) {
-            Ok(r) => r,
-            Err(r) => return r,
-        };
+        );
         drop(token);
         let mut stop = None;
         let sandbox = match self
@@ -552,21 +533,6 @@ fn sandbox_timeout(left: Duration) -> prost_types::Duration {
     }
 }
 
-/// The absolute path of a process-backend program.
-fn program_path(first: &str) -> Option<String> {
-    if first.starts_with('/') {
-        return Some(first.to_owned());
-    }
-    if first.contains('/') || first.is_empty() {
-        return None;
-    }
-    PROGRAM_DIRS
-        .iter()
-        .map(|d| std::path::Path::new(d).join(first))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-}
-
 /// The report of a sandbox that ended with `exit`.
 fn result_of(exit: &pb::ExitStatus, summary: String) -> RunResult {
     use pb::ExitReason as R;
@@ -736,15 +702,5 @@ mod tests {
         assert_eq!(secs(Duration::from_secs(30)), 30);
         assert_eq!(secs(Duration::ZERO), 1);
         assert_eq!(secs(Duration::from_secs(30 * 3600)), 24 * 3600);
-    }
-
-    #[test]
-    fn process_programs_are_absolute() {
-        assert_eq!(program_path("/opt/agent").as_deref(), Some("/opt/agent"));
-        let sh = program_path("sh").expect("sh is installed");
-        assert!(sh.starts_with('/') && sh.ends_with("/sh"), "{sh}");
-        assert_eq!(program_path("./agent"), None);
-        assert_eq!(program_path("no-such-program-here"), None);
-        assert_eq!(program_path(""), None);
     }
 }

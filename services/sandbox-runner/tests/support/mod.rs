@@ -1,11 +1,20 @@
 //! What the sandbox-runner's tests share: a real mesh of the five binaries
-//! with the runner configured for tests, the parties (operator, dispatcher,
-//! workers, runs), the test image built locally (no registry is reachable),
-//! and cleanup of every container a test's runner made.
+//! with the runner configured for tests, the parties (operators, workers
+//! holding runs the real dispatcher assigned them), the test image built
+//! locally (no registry is reachable), and cleanup of every container a
+//! test's runner made.
+//!
+//! A run is made as in production: an operator submits an agent version and
+//! a second operator approves it, a task is enqueued, a test worker claims it
+//! over a Claim stream and accepts it (the task is RUNNING with a run id),
+//! and the run mints its JWT-SVID. The runner asks the dispatcher what the
+//! run was assigned, and runs that.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -13,6 +22,10 @@ use bulkhead_mesh::client::MeshChannel;
 use bulkhead_mesh::tls::Identity;
 use bulkhead_proto::audit::v1 as audit_pb;
 use bulkhead_proto::audit::v1::audit_service_client::AuditServiceClient;
+use bulkhead_proto::dispatcher::v1 as disp_pb;
+use bulkhead_proto::dispatcher::v1::claim_request::Body as Up;
+use bulkhead_proto::dispatcher::v1::claim_response::Body as Down;
+use bulkhead_proto::dispatcher::v1::dispatcher_service_client::DispatcherServiceClient;
 use bulkhead_proto::identity::v1 as id_pb;
 use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use bulkhead_proto::sandbox::v1 as pb;
@@ -22,18 +35,31 @@ use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceC
 use bulkhead_testkit::mesh::TestMesh;
 use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 pub const TD: &str = "spiffe://bulkhead.test";
 pub const SEALED_VAULT: &str = "spiffe://bulkhead.test/service/sealed-vault";
 pub const OPERATOR: &str = "admin/operator";
-pub const DISPATCHER: &str = "service/dispatcher";
+/// The second operator, who approves agent versions.
+pub const REVIEWER: &str = "admin/reviewer";
 pub const AGENT: &str = "support-bot";
+/// The image of the agents the process backend runs (the dispatcher wants
+/// one; the process backend runs the command's program).
+pub const PROCESS_IMAGE: &str = "bulkhead-test-agent:process";
+/// The payload of every task.
+pub const PAYLOAD: &[u8] = b"the task payload";
+/// How long a claim-stream message may take.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+/// Heartbeats of the test workers (leases last 30 s by default).
+const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The image the tests run, built from this host's binaries.
 pub const IMAGE: &str = bulkhead_testkit::docker::TEST_IMAGE;
 /// The prefix of every container and image a test makes.
 pub const PREFIX: &str = "bulkhead-test-";
 
 pub type Runner = SandboxServiceClient<MeshChannel>;
+pub type Dispatcher = DispatcherServiceClient<MeshChannel>;
 
 #[allow(unused_imports)]
 pub use bulkhead_testkit::docker::{docker, docker_or_skip};
@@ -211,69 +237,303 @@ impl Mesh {
     }
 }
 
-/// A run as its worker holds it: its id, its X.509 identity, and a JWT-SVID
-/// for sealed-vault.
+/// A run as its worker holds it: its id, its X.509 identity, a JWT-SVID for
+/// sealed-vault, and what the dispatcher assigned it.
 pub struct Run {
     pub id: String,
     pub identity: Identity,
     pub token: String,
+    pub task_id: String,
+    /// The task's tenant (empty for a pool task).
+    pub tenant: String,
+    pub assignment: disp_pb::ClaimAssignment,
 }
 
-/// The dispatcher has identity sign a CSR for the run (of `tenant`, or of
-/// `pool` when `tenant` is empty); the run then mints its JWT-SVID.
-pub async fn start_run(mesh: &Mesh, tenant: &str, pool: &str, run: &str) -> anyhow::Result<Run> {
-    start_run_on(mesh, tenant, pool, run, "w1").await
+impl Run {
+    pub fn agent(&self) -> &disp_pb::Agent {
+        self.assignment.agent.as_ref().expect("an agent")
+    }
+
+    pub fn task(&self) -> &disp_pb::Task {
+        self.assignment.task.as_ref().expect("a task")
+    }
 }
 
-/// [`start_run`] for the worker `worker`.
-pub async fn start_run_on(
-    mesh: &Mesh,
-    tenant: &str,
-    pool: &str,
-    run: &str,
-    worker: &str,
-) -> anyhow::Result<Run> {
-    let mut dispatcher = mesh.identity_as(DISPATCHER)?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default()
-        .serialize_request(&key)?
-        .der()
-        .to_vec();
-    let svid = dispatcher
-        .mint_run_svid(id_pb::MintRunSvidRequest {
+/// Agent versions, one per run, so that each run has its own command.
+static VERSIONS: AtomicU64 = AtomicU64::new(1);
+
+/// A worker driven by the test over a real Claim stream: registered at the
+/// dispatcher, heartbeating the leases it holds.
+pub struct TestWorker {
+    /// The worker's id (from its SVID).
+    pub id: String,
+    /// The worker's SPIFFE path or enrolled identity, for its runner client.
+    pub identity: Identity,
+    tx: mpsc::Sender<disp_pb::ClaimRequest>,
+    inbound: tonic::Streaming<disp_pb::ClaimResponse>,
+    leases: Arc<Mutex<Vec<disp_pb::HeldLease>>>,
+    heartbeats: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+impl Mesh {
+    pub fn dispatcher_as(&self, who: &str) -> anyhow::Result<Dispatcher> {
+        Ok(DispatcherServiceClient::new(
+            self.mesh.channel("dispatcher", &self.mesh.identity(who)?)?,
+        ))
+    }
+
+    /// A test worker with the certificate the test CA issues for `path`
+    /// (`tenant/<t>/worker/<id>` or `pool/<p>/worker/<id>`).
+    pub async fn worker(&self, path: &str) -> anyhow::Result<TestWorker> {
+        self.worker_with(self.mesh.identity(path)?).await
+    }
+
+    /// A test worker with `identity` (e.g. one enrolled at identity).
+    pub async fn worker_with(&self, identity: Identity) -> anyhow::Result<TestWorker> {
+        let id = identity
+            .spiffe_id()
+            .to_string()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let mut client = DispatcherServiceClient::new(self.mesh.channel("dispatcher", &identity)?);
+        client
+            .register_worker(disp_pb::RegisterWorkerRequest {
+                labels: Default::default(),
+                max_concurrent_runs: 16,
+                sandbox_backends: vec![
+                    pb::SandboxBackend::Docker as i32,
+                    pb::SandboxBackend::Process as i32,
+                ],
+                version: "sandbox-runner-test".into(),
+            })
+            .await
+            .context("RegisterWorker")?;
+        let (tx, rx) = mpsc::channel(64);
+        let inbound = client
+            .claim(ReceiverStream::new(rx))
+            .await
+            .context("open a claim stream")?
+            .into_inner();
+        let leases: Arc<Mutex<Vec<disp_pb::HeldLease>>> = Arc::default();
+        let heartbeats = tokio::spawn({
+            let tx = tx.clone();
+            let leases = leases.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(HEARTBEAT).await;
+                    let held = leases.lock().unwrap().clone();
+                    let beat = disp_pb::ClaimRequest {
+                        body: Some(Up::Heartbeat(disp_pb::ClaimHeartbeat { leases: held })),
+                    };
+                    if tx.send(beat).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(TestWorker {
+            id,
+            identity,
+            tx,
+            inbound,
+            leases,
+            heartbeats,
+        })
+    }
+
+    /// Submits a version of [`AGENT`] running `command` in `image` as the
+    /// operator, approved by the reviewer; returns the version.
+    pub async fn approved_agent(&self, image: &str, command: &[&str]) -> anyhow::Result<String> {
+        let version = format!("1.0.{}", VERSIONS.fetch_add(1, Ordering::Relaxed));
+        self.dispatcher_as(OPERATOR)?
+            .submit_agent(disp_pb::SubmitAgentRequest {
+                name: AGENT.into(),
+                version: version.clone(),
+                image: image.into(),
+                command: command.iter().map(|s| (*s).to_owned()).collect(),
+                description: "sandbox-runner test agent".into(),
+                ..Default::default()
+            })
+            .await
+            .context("SubmitAgent")?;
+        self.dispatcher_as(REVIEWER)?
+            .approve_agent(disp_pb::ApproveAgentRequest {
+                name: AGENT.into(),
+                version: version.clone(),
+                comment: "reviewed".into(),
+            })
+            .await
+            .context("ApproveAgent")?;
+        Ok(version)
+    }
+
+    /// Cancels the task of `run` as the operator.
+    pub async fn cancel(&self, run: &Run) -> anyhow::Result<()> {
+        self.dispatcher_as(OPERATOR)?
+            .cancel_task(disp_pb::CancelTaskRequest {
+                tenant: run.tenant.clone(),
+                task_id: run.task_id.clone(),
+                reason: "test".into(),
+            })
+            .await
+            .context("CancelTask")?;
+        Ok(())
+    }
+}
+
+impl TestWorker {
+    async fn send(&self, body: Up) -> anyhow::Result<()> {
+        self.tx
+            .send(disp_pb::ClaimRequest { body: Some(body) })
+            .await
+            .context("the claim stream is closed")
+    }
+
+    /// Waits for a message `pick` accepts, passing over others.
+    async fn expect<T>(
+        &mut self,
+        what: &str,
+        pick: impl Fn(&Down) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.inbound.message())
+                .await
+                .with_context(|| format!("no {what} on the claim stream"))?
+                .context("the claim stream failed")?
+                .context("the dispatcher closed the claim stream")?;
+            if let Some(v) = m.body.as_ref().and_then(&pick) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// A running run of a task of `tenant` (or of `pool`), for a newly
+    /// approved version of [`AGENT`] running `command` in `image`, with the
+    /// tenant's `default` profile: enqueued at the dispatcher, claimed and
+    /// accepted by this worker, its JWT-SVID minted.
+    pub async fn run(
+        &mut self,
+        mesh: &Mesh,
+        tenant: &str,
+        pool: &str,
+        image: &str,
+        command: &[&str],
+    ) -> anyhow::Result<Run> {
+        let version = mesh.approved_agent(image, command).await?;
+        self.send(Up::Credits(disp_pb::ClaimCredits { slots: 1 }))
+            .await?;
+        let task_id = mesh
+            .dispatcher_as(OPERATOR)?
+            .enqueue(disp_pb::EnqueueRequest {
+                tenant: tenant.into(),
+                pool: pool.into(),
+                agent: AGENT.into(),
+                agent_version: version,
+                cascade: (!tenant.is_empty()).then(|| cascade(tenant)),
+                payload: PAYLOAD.to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .context("Enqueue")?
+            .into_inner()
+            .task_id;
+        let assignment = self
+            .expect("assignment", |m| match m {
+                Down::Assignment(a) if a.task.as_ref().is_some_and(|t| t.task_id == task_id) => {
+                    Some(a.clone())
+                }
+                _ => None,
+            })
+            .await?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = CertificateParams::default()
+            .serialize_request(&key)?
+            .der()
+            .to_vec();
+        self.send(Up::Accept(disp_pb::ClaimAccept {
+            task_id: task_id.clone(),
+            attempt: assignment.attempt,
+            lease_epoch: assignment.lease_epoch,
+            run_csr_der: csr.into(),
+        }))
+        .await?;
+        let accepted = self
+            .expect("run svid", |m| match m {
+                Down::RunSvid(s) if s.task_id == task_id => Some(s.clone()),
+                _ => None,
+            })
+            .await?;
+        self.leases.lock().unwrap().push(disp_pb::HeldLease {
+            task_id: task_id.clone(),
+            attempt: accepted.attempt,
+            lease_epoch: accepted.lease_epoch,
+        });
+        let svid = accepted.svid.context("no svid")?;
+        let chain = svid
+            .cert_chain_der
+            .iter()
+            .map(|c| CertificateDer::from(c.to_vec()))
+            .collect();
+        let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let identity = Identity::from_der(chain, pkcs8, &svid.spiffe_id)?;
+        let token = IdentityServiceClient::new(mesh.mesh.channel("identity", &identity)?)
+            .mint_jwt_svid(id_pb::MintJwtSvidRequest {
+                audience: SEALED_VAULT.into(),
+                ..Default::default()
+            })
+            .await
+            .context("MintJwtSvid")?
+            .into_inner()
+            .token;
+        Ok(Run {
+            id: accepted.run_id,
+            identity,
+            token,
+            task_id,
             tenant: tenant.into(),
-            run_id: run.into(),
-            csr_der: csr.into(),
-            ttl: None,
-            worker_id: worker.into(),
-            pool: pool.into(),
+            assignment,
         })
-        .await
-        .with_context(|| format!("MintRunSvid for {run}"))?
-        .into_inner()
-        .svid
-        .context("no svid")?;
-    let chain = svid
-        .cert_chain_der
-        .iter()
-        .map(|c| CertificateDer::from(c.to_vec()))
-        .collect();
-    let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let identity = Identity::from_der(chain, pkcs8, &svid.spiffe_id)?;
-    let token = IdentityServiceClient::new(mesh.mesh.channel("identity", &identity)?)
-        .mint_jwt_svid(id_pb::MintJwtSvidRequest {
-            audience: SEALED_VAULT.into(),
-            ..Default::default()
+    }
+
+    /// Reports `run` finished with `outcome` and waits for the acknowledgement.
+    pub async fn report(&mut self, run: &Run, outcome: disp_pb::RunOutcome) -> anyhow::Result<()> {
+        self.send(Up::Report(disp_pb::ClaimReport {
+            task_id: run.task_id.clone(),
+            attempt: run.assignment.attempt,
+            lease_epoch: run.assignment.lease_epoch,
+            outcome: outcome as i32,
+            exit_code: 0,
+            output_summary: "reported by the test".into(),
+        }))
+        .await?;
+        let task_id = run.task_id.clone();
+        self.expect("report ack", |m| match m {
+            Down::ReportAck(a) if a.task_id == task_id => Some(()),
+            _ => None,
         })
-        .await
-        .context("MintJwtSvid")?
-        .into_inner()
-        .token;
-    Ok(Run {
-        id: run.into(),
-        identity,
-        token,
-    })
+        .await?;
+        self.leases
+            .lock()
+            .unwrap()
+            .retain(|l| l.task_id != run.task_id);
+        Ok(())
+    }
+
+    /// This worker's client of the sandbox-runner.
+    pub fn runner(&self, mesh: &Mesh) -> anyhow::Result<Runner> {
+        Ok(SandboxServiceClient::new(
+            mesh.mesh.channel("sandbox-runner", &self.identity)?,
+        ))
+    }
 }
 
 /// The cascade of a run: the tenant's `default` profile at the system level.
@@ -290,23 +550,26 @@ pub fn cascade(tenant: &str) -> sealed_pb::Cascade {
     }
 }
 
-/// A StartSandbox request for `run` of `tenant` running `command` in `image`.
+/// A StartSandbox request for `run` of `tenant`, as a worker sends it: the
+/// assignment's image, command, cascade, agent, tool, keys and payload.
 pub fn start_request(
     tenant: &str,
     run: &Run,
-    image: &str,
-    command: &[&str],
     backend: pb::SandboxBackend,
 ) -> pb::StartSandboxRequest {
+    let agent = run.agent();
+    let task = run.task();
     pb::StartSandboxRequest {
         tenant: tenant.into(),
         run_jwt_svid: run.token.clone(),
-        task_id: format!("task-{}", run.id),
-        image: image.into(),
-        command: command.iter().map(|s| (*s).to_owned()).collect(),
-        cascade: (!tenant.is_empty()).then(|| cascade(tenant)),
-        agent: AGENT.into(),
-        payload: b"the task payload".to_vec().into(),
+        task_id: run.task_id.clone(),
+        image: agent.image.clone(),
+        command: agent.command.clone(),
+        cascade: task.cascade.clone(),
+        agent: agent.name.clone(),
+        tool: agent.tool.clone(),
+        secret_keys: agent.requested_secret_keys.clone(),
+        payload: task.payload.clone(),
         limits: Some(pb::Limits {
             memory_bytes: 128 << 20,
             cpu_millis: 500,
@@ -318,6 +581,26 @@ pub fn start_request(
         }),
         backend: backend as i32,
         ..Default::default()
+    }
+}
+
+/// [`start_request`] with every field the runner takes from the assignment
+/// left empty: the tenant, the token, limits and the backend only.
+pub fn bare_start_request(
+    tenant: &str,
+    run: &Run,
+    backend: pb::SandboxBackend,
+) -> pb::StartSandboxRequest {
+    pb::StartSandboxRequest {
+        task_id: String::new(),
+        image: String::new(),
+        command: Vec::new(),
+        cascade: None,
+        agent: String::new(),
+        tool: String::new(),
+        secret_keys: Vec::new(),
+        payload: Default::default(),
+        ..start_request(tenant, run, backend)
     }
 }
 
