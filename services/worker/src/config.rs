@@ -181,6 +181,10 @@ pub struct SandboxConfig {
     pub runner: String,
     /// The backend asked for, and the one the worker registers with.
     pub backend: Backend,
+    /// Docker networks asked for each sandbox (NETWORK_MODE_ALLOW_LIST); the
+    /// runner still allows only those its own allow-list gives the tenant.
+    /// Empty: no network (NETWORK_MODE_NONE).
+    pub networks: Vec<String>,
 }
 
 /// Everything a worker runs on. Build it with [`WorkerConfig::new`] and adjust
@@ -250,6 +254,11 @@ impl WorkerConfig {
             // Runs mint their JWT-SVIDs for the sandbox-runner at identity.
             return Err(ConfigError::SandboxNeedsIdentity);
         }
+        if let Some(s) = &self.sandbox
+            && s.networks.len() > MAX_SANDBOX_NETWORKS
+        {
+            return Err(ConfigError::SandboxNetworks(s.networks.len()));
+        }
         Ok(())
     }
 }
@@ -262,6 +271,8 @@ pub enum ConfigError {
     Name(#[from] NameError),
     #[error("a sandbox-runner needs the identity service's address")]
     SandboxNeedsIdentity,
+    #[error("at most {MAX_SANDBOX_NETWORKS} sandbox networks, not {0}")]
+    SandboxNetworks(usize),
     #[error("failed to load the ca bundle: {0}")]
     Ca(#[from] bulkhead_mesh::tls::TlsError),
 }
@@ -321,6 +332,32 @@ pub struct Flags {
         requires = "sandbox_runner"
     )]
     pub sandbox_backend: Backend,
+    /// A Docker network each sandbox joins (repeatable): its runs then get
+    /// that network instead of none. The sandbox-runner allows only the
+    /// networks its own allow-list gives the worker's tenant.
+    #[arg(
+        long = "sandbox-network",
+        value_name = "NAME",
+        requires = "sandbox_runner",
+        value_parser = parse_network
+    )]
+    pub sandbox_networks: Vec<String>,
+}
+
+/// At most this many networks per sandbox (the runner's bound).
+pub const MAX_SANDBOX_NETWORKS: usize = 8;
+
+/// A Docker network name: 1 to 128 bytes of letters, digits, `_`, `.`, `-`.
+fn parse_network(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a network name is 1 to 128 letters, digits, '_', '.' or '-'".into())
+    }
 }
 
 fn parse_labels(s: &str) -> Result<Labels, LabelError> {
@@ -355,6 +392,7 @@ impl Flags {
         config.sandbox = self.sandbox_runner.map(|runner| SandboxConfig {
             runner,
             backend: self.sandbox_backend,
+            networks: self.sandbox_networks,
         });
         config.validate()?;
         Ok(config)
@@ -465,6 +503,23 @@ mod tests {
             "needs a runner"
         );
         assert!(with(&["--sandbox-runner", "r:1", "--sandbox-backend", "vm"]).is_err());
+        assert!(docker.sandbox_networks.is_empty(), "no network by default");
+        let networked = with(&[
+            "--sandbox-runner",
+            "r:1",
+            "--sandbox-network",
+            "vendor-net",
+            "--sandbox-network",
+            "metrics",
+        ])
+        .expect("valid");
+        assert_eq!(networked.sandbox_networks, ["vendor-net", "metrics"]);
+        assert!(
+            with(&["--sandbox-network", "vendor-net"]).is_err(),
+            "needs a runner"
+        );
+        assert!(with(&["--sandbox-runner", "r:1", "--sandbox-network", ""]).is_err());
+        assert!(with(&["--sandbox-runner", "r:1", "--sandbox-network", "a b"]).is_err());
     }
 
     #[test]
@@ -484,6 +539,7 @@ mod tests {
         config.sandbox = Some(SandboxConfig {
             runner: "r:1".into(),
             backend: Backend::Docker,
+            networks: Vec::new(),
         });
         assert!(matches!(
             config.validate(),

@@ -57,6 +57,7 @@ pub struct SandboxRunner {
     identity: String,
     bundle: TrustBundle,
     backend: Backend,
+    networks: Vec<String>,
 }
 
 impl SandboxRunner {
@@ -67,6 +68,7 @@ impl SandboxRunner {
             identity: identity.into(),
             bundle,
             backend: sandbox.backend,
+            networks: sandbox.networks.clone(),
         }
     }
 
@@ -149,10 +151,7 @@ impl SandboxRunner {
                 )),
                 ..Default::default()
             }),
-            network: Some(pb::NetworkPolicy {
-                mode: pb::NetworkMode::None as i32,
-                allowed_networks: Vec::new(),
-            }),
+            network: Some(network_policy(&self.networks)),
             backend: match self.backend {
                 Backend::Docker => pb::SandboxBackend::Docker,
                 Backend::Process => pb::SandboxBackend::Process,
@@ -232,6 +231,19 @@ impl SandboxRunner {
             }
             Err(_) => tracing::warn!("the runner did not list its sandboxes in time"),
         }
+    }
+}
+
+/// No network, or the worker's `--sandbox-network`s (which the runner
+/// checks against its own allow-list for the tenant).
+fn network_policy(networks: &[String]) -> pb::NetworkPolicy {
+    pb::NetworkPolicy {
+        mode: if networks.is_empty() {
+            pb::NetworkMode::None
+        } else {
+            pb::NetworkMode::AllowList
+        } as i32,
+        allowed_networks: networks.to_vec(),
     }
 }
 
@@ -693,6 +705,16 @@ mod tests {
             start_failure_outcome(Code::ResourceExhausted),
             Outcome::Error
         );
+    }
+
+    #[test]
+    fn sandboxes_get_no_network_unless_the_worker_names_some() {
+        let none = network_policy(&[]);
+        assert_eq!(none.mode(), pb::NetworkMode::None);
+        assert!(none.allowed_networks.is_empty());
+        let some = network_policy(&["vendor-net".to_owned()]);
+        assert_eq!(some.mode(), pb::NetworkMode::AllowList);
+        assert_eq!(some.allowed_networks, ["vendor-net"]);
     }
 
     #[test]
