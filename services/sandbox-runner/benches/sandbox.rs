@@ -3,14 +3,19 @@
 //! (`bulkhead-test-agent:latest`, `docker import` of this host's `sh`,
 //! coreutils and their libraries) if it is missing.
 //!
-//! Audit, identity, sealed-vault and the sandbox-runner run in-process, each
-//! the mesh server with its real handlers and authorization table, over mTLS
-//! on loopback; audit, identity and sealed-vault keep SQLite stores in temp
-//! dirs on disk (WAL, synchronous=FULL). The runner is put together as its
-//! `main.rs` does it (the init shim installed in a temp dir, clients of the
-//! three peers, the revocation follower), with the Docker backend only.
+//! Audit, identity, sealed-vault, the dispatcher and the sandbox-runner run
+//! in-process, each the mesh server with its real handlers and authorization
+//! table, over mTLS on loopback; all but the runner keep SQLite stores in
+//! temp dirs on disk (WAL, synchronous=FULL). The runner is put together as
+//! its `main.rs` does it (the init shim installed in a temp dir, clients of
+//! its four peers, the revocation follower), with the Docker backend only.
 //! Before any clock: an operator creates profile `acme/bench-app` with 3
-//! built-in secrets.
+//! built-in secrets; an operator submits two versions of agent `bench-agent`
+//! (`/bin/true` and `sleep 300` in the test image) and a second operator
+//! approves them; worker `w1` registers and opens a Claim stream. Every run
+//! is made as in production, before its clock: a task is enqueued with the
+//! profile's cascade, the worker claims and accepts it (the dispatcher has
+//! identity sign the run's SVID), and the run mints its JWT-SVID.
 //!
 //! 1. Start, side by side, in pairs A B then B A (so that drift hits both):
 //!    - *bare*: the bench's own bollard client creates and starts a container
@@ -19,21 +24,23 @@
 //!      tmpfs /tmp, no network, private IPC, log driver `none`, user
 //!      65534) running `/bin/true`; timed to `start` returning (the process
 //!      has started), then to the container having exited, then `rm -f`.
-//!    - *injected*: a worker (`tenant/acme/worker/w1`, mTLS connection made
-//!      beforehand) calls StartSandbox with a run JWT-SVID (minted before the
-//!      clock) and a cascade naming the profile, running `/bin/true`: the
-//!      runner checks the token, pings the engine, inspects the image,
-//!      creates, attaches, starts, resolves the 3 secrets at sealed-vault
-//!      (audited there), records `sandbox.credential.injected` in audit and
-//!      writes the frame to the shim's stdin; timed to StartSandbox
-//!      returning, then to the container having exited (the same `wait` as
-//!      bare), then ReleaseSandbox (kill, remove, zeroize, revoke the run,
-//!      audit).
+//!    - *injected*: the worker (`tenant/acme/worker/w1`, mTLS connection
+//!      made beforehand) calls StartSandbox for its run as a worker does (the
+//!      assignment's image, command, cascade, agent and payload, the run's
+//!      JWT-SVID): the runner checks the token, asks the dispatcher for the
+//!      run's assignment (GetRunAssignment), pings the engine, inspects the
+//!      image, creates, attaches, starts, resolves the 3 secrets at
+//!      sealed-vault (audited there), records `sandbox.credential.injected`
+//!      in audit and writes the frame to the shim's stdin; timed to
+//!      StartSandbox returning, then to the container having exited (the
+//!      same `wait` as bare), then ReleaseSandbox (kill, remove, zeroize,
+//!      revoke the run, audit); the worker then reports the run.
 //!
 //!    Where the time goes: the engine's own event times (create, attach,
 //!    start) against the call's start; inside the services a tower wrapper
-//!    times the runner's StartSandbox handler, sealed-vault's Resolve handler
-//!    and audit's Append handler.
+//!    times the runner's StartSandbox handler, the dispatcher's
+//!    GetRunAssignment handler, sealed-vault's Resolve handler and audit's
+//!    Append handler.
 //! 2. Revocation: a `sleep 300` sandbox (with injection) is started; a
 //!    `wait` on its container is posted; an operator Revokes the run hard at
 //!    identity; timed until the container is no longer running (the wait
@@ -70,6 +77,8 @@ use bollard::query_parameters::{
 };
 use bulkhead_audit::checkpoint::Signer;
 use bulkhead_audit::log::{Log, LogConfig};
+use bulkhead_dispatcher::engine::Engine;
+use bulkhead_dispatcher::wake::Wake;
 use bulkhead_identity::keys::JwtKeys;
 use bulkhead_identity::service::{AuditDenials, IdentityApi, Limits};
 use bulkhead_mesh::audit::AuditClient;
@@ -79,6 +88,10 @@ use bulkhead_mesh::revocation::RevocationList;
 use bulkhead_mesh::server::MeshServer;
 use bulkhead_mesh::spiffe::TrustDomain;
 use bulkhead_mesh::tls::{ClientAuth, ExpectServer, Identity, TrustBundle};
+use bulkhead_proto::dispatcher::v1 as dpb;
+use bulkhead_proto::dispatcher::v1::claim_request::Body as Up;
+use bulkhead_proto::dispatcher::v1::claim_response::Body as Down;
+use bulkhead_proto::dispatcher::v1::dispatcher_service_client::DispatcherServiceClient;
 use bulkhead_proto::identity::v1 as idpb;
 use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use bulkhead_proto::sandbox::v1 as pb;
@@ -96,6 +109,8 @@ use bulkhead_sealed_vault::secret::SecretValue;
 use bulkhead_sealed_vault::service::SealedVaultApi;
 use futures::StreamExt as _;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -106,7 +121,10 @@ const PROFILE: &str = "bench-app";
 const SECRET_KEYS: [&str; 3] = ["API_TOKEN", "DB_PASSWORD", "WEBHOOK_SECRET"];
 const AGENT: &str = "bench-agent";
 const WORKER: &str = "tenant/acme/worker/w1";
-const WORKER_ID: &str = "w1";
+/// How long a claim-stream message may take.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
+/// The worker's lease heartbeats (leases last 30 s by default).
+const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The label of the bench's own (bare) containers; its value is this run's nonce.
 const BENCH_LABEL: &str = "bulkhead.bench";
 /// The runner's label naming its instance (its containers carry it).
@@ -136,6 +154,7 @@ const POLL: Duration = Duration::from_millis(10);
 type IdClient = IdentityServiceClient<MeshChannel>;
 type VaultClient = SealedVaultServiceClient<MeshChannel>;
 type RunnerClient = SandboxServiceClient<MeshChannel>;
+type DispClient = DispatcherServiceClient<MeshChannel>;
 
 #[derive(Debug, Clone)]
 struct Params {
@@ -365,6 +384,7 @@ struct Pki {
     runner: Identity,
     dispatcher: Identity,
     operator: Identity,
+    reviewer: Identity,
     worker: Identity,
 }
 
@@ -395,8 +415,12 @@ fn pki() -> anyhow::Result<Pki> {
             "service/sandbox-runner/local",
             SvidOptions::for_local_service("sandbox-runner"),
         )?,
-        dispatcher: issue("service/dispatcher", SvidOptions::default())?,
+        dispatcher: issue(
+            "service/dispatcher",
+            SvidOptions::for_local_service("dispatcher"),
+        )?,
         operator: issue("admin/bench", SvidOptions::default())?,
+        reviewer: issue("admin/reviewer", SvidOptions::default())?,
         worker: issue(WORKER, SvidOptions::default())?,
         ca_cert: ca.cert_pem().to_owned(),
         ca_key,
@@ -427,6 +451,7 @@ struct Stack {
     runner_addr: String,
     identity_addr: String,
     vault_addr: String,
+    dispatcher_addr: String,
     runner: Runner,
     instance: String,
     times: Arc<Times>,
@@ -438,10 +463,11 @@ struct Stack {
 async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
     let stop = CancellationToken::new();
     let times = Arc::new(Times::default());
-    let (adir, idir, vdir, rdir) = (
+    let (adir, idir, vdir, ddir, rdir) = (
         temp("audit")?,
         temp("identity")?,
         temp("vault")?,
+        temp("dispatcher")?,
         temp("runner")?,
     );
 
@@ -570,6 +596,66 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
     let vault_addr = bound.local_addr().to_string();
     let vault_serving = tokio::spawn(bound.serve(stop.clone().cancelled_owned()));
 
+    // The dispatcher, put together as its main.rs does (no Redis).
+    let dispatcher_channel = |addr: &str, name: &str| {
+        bulkhead_mesh::client::channel(
+            addr,
+            Some(&pki.dispatcher),
+            &pki.bundle,
+            ExpectServer::Service(name.into()),
+        )
+    };
+    let dispatcher_audit = AuditClient::new(dispatcher_channel(&audit_addr, "audit")?);
+    let dispatch_store = bulkhead_dispatcher::store::open(&format!(
+        "sqlite://{}",
+        ddir.path().join("dispatcher.db").display()
+    ))
+    .await
+    .context("failed to open the dispatcher store")?;
+    let dispatcher_revocations = Arc::new(RevocationList::new());
+    tokio::spawn(bulkhead_mesh::revocation::follow(
+        dispatcher_revocations.clone(),
+        dispatcher_channel(&identity_addr, "identity")?,
+        stop.clone(),
+    ));
+    let server = MeshServer::new("dispatcher", pki.dispatcher.clone(), pki.bundle.clone());
+    let engine = Engine::start(
+        bulkhead_dispatcher::engine::Parts {
+            store: dispatch_store,
+            audit: dispatcher_audit.clone(),
+            identity: IdClient::new(dispatcher_channel(&identity_addr, "identity")?),
+            fleet: bulkhead_dispatcher::config::Config::default().fleet,
+            wake: Wake::none(),
+            draining: server.draining(),
+        },
+        stop.clone(),
+    );
+    let bound = server
+        .revocations(dispatcher_revocations.clone())
+        .denials(Arc::new(bulkhead_dispatcher::service::AuditDenials::new(
+            dispatcher_audit,
+        )))
+        .add_service(
+            TimedService {
+                inner: bulkhead_dispatcher::service::server(
+                    bulkhead_dispatcher::service::DispatcherApi::new(
+                        engine,
+                        Some(VaultClient::new(dispatcher_channel(
+                            &vault_addr,
+                            "sealed-vault",
+                        )?)),
+                    ),
+                ),
+                label: "dispatcher",
+                times: times.clone(),
+            },
+            bulkhead_dispatcher::service::POLICY,
+        )
+        .bind("127.0.0.1:0".parse()?)
+        .await?;
+    let dispatcher_addr = bound.local_addr().to_string();
+    let dispatcher_serving = tokio::spawn(bound.serve(stop.clone().cancelled_owned()));
+
     // The sandbox-runner, put together as its main.rs does (Docker only).
     let mut config = Config::default();
     config.mesh.data_dir = rdir.path().to_path_buf();
@@ -590,6 +676,7 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
     let peers = Peers {
         sealed: VaultClient::new(runner_channel(&vault_addr, "sealed-vault")?),
         identity: IdClient::new(runner_channel(&identity_addr, "identity")?),
+        dispatcher: DispClient::new(runner_channel(&dispatcher_addr, "dispatcher")?),
         audit: AuditClient::new(runner_channel(&audit_addr, "audit")?),
     };
     let shim = shim::install(&config.shim_dir()).context("failed to install the init shim")?;
@@ -631,7 +718,10 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
     let runner_serving = tokio::spawn(bound.serve(stop.clone().cancelled_owned()));
 
     let waited = Instant::now();
-    while !(vault_revocations.synced() && synced.load(std::sync::atomic::Ordering::Acquire)) {
+    while !(vault_revocations.synced()
+        && dispatcher_revocations.synced()
+        && synced.load(std::sync::atomic::Ordering::Acquire))
+    {
         ensure!(
             waited.elapsed() < Duration::from_secs(30),
             "the revocation lists did not sync with identity in 30 s"
@@ -642,6 +732,7 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
         runner_addr,
         identity_addr,
         vault_addr,
+        dispatcher_addr,
         runner,
         instance,
         times,
@@ -650,9 +741,10 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
             audit_serving,
             identity_serving,
             vault_serving,
+            dispatcher_serving,
             runner_serving,
         ],
-        _dirs: vec![adir, idir, vdir, rdir],
+        _dirs: vec![adir, idir, vdir, ddir, rdir],
     })
 }
 
@@ -728,74 +820,275 @@ async fn seed(stack: &Stack, pki: &Pki) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A run of tenant acme on worker w1, minted by the dispatcher, and the
-/// JWT-SVID that run mints for sealed-vault: (run id, token).
-async fn mint_run(
-    stack: &Stack,
-    pki: &Pki,
-    dispatcher: &mut IdClient,
-    run_id: &str,
-) -> anyhow::Result<String> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
-    let svid = within(
-        "MintRunSvid",
-        dispatcher.mint_run_svid(idpb::MintRunSvidRequest {
-            tenant: TENANT.into(),
-            run_id: run_id.into(),
-            csr_der: bytes::Bytes::copy_from_slice(csr.der()),
-            ttl: None,
-            worker_id: WORKER_ID.into(),
-            pool: String::new(),
-        }),
-    )
-    .await?
-    .into_inner()
-    .svid
-    .context("no svid")?;
-    let chain = svid
-        .cert_chain_der
-        .iter()
-        .map(|c| CertificateDer::from(c.to_vec()))
-        .collect();
-    let run = Identity::from_der(
-        chain,
-        PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-        "run",
-    )?;
-    let mut as_run = IdClient::new(connect(pki, &stack.identity_addr, "identity", &run).await?);
-    Ok(within(
-        "MintJwtSvid",
-        as_run.mint_jwt_svid(idpb::MintJwtSvidRequest {
-            audience: pki.vault.spiffe_id().to_string(),
-            ttl: None,
-            spiffe_id: String::new(),
-        }),
-    )
-    .await?
-    .into_inner()
-    .token)
+/// The versions of [`AGENT`] the bench runs, and their commands.
+const V_TRUE: &str = "1.0.0";
+const V_SLEEP: &str = "1.0.1";
+
+/// Both versions of the agent, submitted by an operator and approved by a
+/// second one.
+async fn approve_agents(stack: &Stack, pki: &Pki) -> anyhow::Result<()> {
+    let mut op =
+        DispClient::new(connect(pki, &stack.dispatcher_addr, "dispatcher", &pki.operator).await?);
+    let mut reviewer =
+        DispClient::new(connect(pki, &stack.dispatcher_addr, "dispatcher", &pki.reviewer).await?);
+    for (version, command) in [(V_TRUE, vec![TRUE]), (V_SLEEP, vec!["sleep", "300"])] {
+        within(
+            "SubmitAgent",
+            op.submit_agent(dpb::SubmitAgentRequest {
+                name: AGENT.into(),
+                version: version.into(),
+                image: support::IMAGE.into(),
+                command: command.iter().map(|c| (*c).to_owned()).collect(),
+                description: "sandbox benchmark".into(),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        within(
+            "ApproveAgent",
+            reviewer.approve_agent(dpb::ApproveAgentRequest {
+                name: AGENT.into(),
+                version: version.into(),
+                comment: "benchmark".into(),
+            }),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
-fn start_request(run_id: &str, token: &str, command: &[&str]) -> pb::StartSandboxRequest {
-    pb::StartSandboxRequest {
-        tenant: TENANT.into(),
-        run_jwt_svid: token.into(),
-        task_id: format!("task-{run_id}"),
-        image: support::IMAGE.into(),
-        command: command.iter().map(|s| (*s).to_owned()).collect(),
-        cascade: Some(spb::Cascade {
-            system: Some(spb::CascadeLevel {
-                profile: Some(spb::ProfileRef {
-                    tenant: TENANT.into(),
-                    profile: PROFILE.into(),
-                }),
-                overrides: Default::default(),
+/// A run as its worker holds it.
+struct Run {
+    id: String,
+    token: String,
+    task_id: String,
+    assignment: dpb::ClaimAssignment,
+}
+
+/// Worker w1 at the dispatcher: registered, its Claim stream open, its
+/// leases heartbeated.
+struct Claims {
+    tx: mpsc::Sender<dpb::ClaimRequest>,
+    inbound: tonic::Streaming<dpb::ClaimResponse>,
+    leases: Arc<Mutex<Vec<dpb::HeldLease>>>,
+    heartbeats: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+impl Claims {
+    async fn open(stack: &Stack, pki: &Pki) -> anyhow::Result<Self> {
+        let mut client =
+            DispClient::new(connect(pki, &stack.dispatcher_addr, "dispatcher", &pki.worker).await?);
+        within(
+            "RegisterWorker",
+            client.register_worker(dpb::RegisterWorkerRequest {
+                labels: Default::default(),
+                max_concurrent_runs: 16,
+                sandbox_backends: vec![pb::SandboxBackend::Docker as i32],
+                version: "sandbox-bench".into(),
             }),
-            ..Default::default()
+        )
+        .await?;
+        let (tx, rx) = mpsc::channel(64);
+        let inbound = within("Claim", client.claim(ReceiverStream::new(rx)))
+            .await?
+            .into_inner();
+        let leases: Arc<Mutex<Vec<dpb::HeldLease>>> = Arc::default();
+        let heartbeats = tokio::spawn({
+            let (tx, leases) = (tx.clone(), leases.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(HEARTBEAT).await;
+                    let held = leases.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let beat = dpb::ClaimRequest {
+                        body: Some(Up::Heartbeat(dpb::ClaimHeartbeat { leases: held })),
+                    };
+                    if tx.send(beat).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            tx,
+            inbound,
+            leases,
+            heartbeats,
+        })
+    }
+
+    async fn send(&self, body: Up) -> anyhow::Result<()> {
+        self.tx
+            .send(dpb::ClaimRequest { body: Some(body) })
+            .await
+            .context("the claim stream is closed")
+    }
+
+    /// Waits for a message `pick` accepts, passing over others.
+    async fn expect<T>(
+        &mut self,
+        what: &str,
+        pick: impl Fn(&Down) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.inbound.message())
+                .await
+                .with_context(|| format!("no {what} on the claim stream"))?
+                .context("the claim stream failed")?
+                .context("the dispatcher closed the claim stream")?;
+            if let Some(v) = m.body.as_ref().and_then(&pick) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// A running run of a task of acme for `version` of the agent, with the
+    /// profile's cascade: enqueued by `operator`, claimed and accepted here,
+    /// its JWT-SVID minted.
+    async fn run(
+        &mut self,
+        stack: &Stack,
+        pki: &Pki,
+        operator: &mut DispClient,
+        version: &str,
+    ) -> anyhow::Result<Run> {
+        self.send(Up::Credits(dpb::ClaimCredits { slots: 1 }))
+            .await?;
+        let task_id = within(
+            "Enqueue",
+            operator.enqueue(dpb::EnqueueRequest {
+                tenant: TENANT.into(),
+                agent: AGENT.into(),
+                agent_version: version.into(),
+                cascade: Some(cascade()),
+                payload: b"the task payload".to_vec().into(),
+                ..Default::default()
+            }),
+        )
+        .await?
+        .into_inner()
+        .task_id;
+        let assignment = self
+            .expect("assignment", |m| match m {
+                Down::Assignment(a) if a.task.as_ref().is_some_and(|t| t.task_id == task_id) => {
+                    Some(a.clone())
+                }
+                _ => None,
+            })
+            .await?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let csr = rcgen::CertificateParams::default().serialize_request(&key)?;
+        self.send(Up::Accept(dpb::ClaimAccept {
+            task_id: task_id.clone(),
+            attempt: assignment.attempt,
+            lease_epoch: assignment.lease_epoch,
+            run_csr_der: bytes::Bytes::copy_from_slice(csr.der()),
+        }))
+        .await?;
+        let accepted = self
+            .expect("run svid", |m| match m {
+                Down::RunSvid(s) if s.task_id == task_id => Some(s.clone()),
+                _ => None,
+            })
+            .await?;
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dpb::HeldLease {
+                task_id: task_id.clone(),
+                attempt: accepted.attempt,
+                lease_epoch: accepted.lease_epoch,
+            });
+        let svid = accepted.svid.context("no svid")?;
+        let chain = svid
+            .cert_chain_der
+            .iter()
+            .map(|c| CertificateDer::from(c.to_vec()))
+            .collect();
+        let run = Identity::from_der(
+            chain,
+            PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            &svid.spiffe_id,
+        )?;
+        let mut as_run = IdClient::new(connect(pki, &stack.identity_addr, "identity", &run).await?);
+        let token = within(
+            "MintJwtSvid",
+            as_run.mint_jwt_svid(idpb::MintJwtSvidRequest {
+                audience: pki.vault.spiffe_id().to_string(),
+                ttl: None,
+                spiffe_id: String::new(),
+            }),
+        )
+        .await?
+        .into_inner()
+        .token;
+        Ok(Run {
+            id: accepted.run_id,
+            token,
+            task_id,
+            assignment,
+        })
+    }
+
+    /// Reports `run` finished with `outcome`, and waits for the acknowledgement.
+    async fn report(&mut self, run: &Run, outcome: dpb::RunOutcome) -> anyhow::Result<()> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|l| l.task_id != run.task_id);
+        self.send(Up::Report(dpb::ClaimReport {
+            task_id: run.task_id.clone(),
+            attempt: run.assignment.attempt,
+            lease_epoch: run.assignment.lease_epoch,
+            outcome: outcome as i32,
+            exit_code: 0,
+            output_summary: "sandbox benchmark".into(),
+        }))
+        .await?;
+        let task_id = run.task_id.clone();
+        self.expect("report ack", |m| match m {
+            Down::ReportAck(a) if a.task_id == task_id => Some(()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+fn cascade() -> spb::Cascade {
+    spb::Cascade {
+        system: Some(spb::CascadeLevel {
+            profile: Some(spb::ProfileRef {
+                tenant: TENANT.into(),
+                profile: PROFILE.into(),
+            }),
+            overrides: Default::default(),
         }),
-        agent: AGENT.into(),
-        payload: b"the task payload".to_vec().into(),
+        ..Default::default()
+    }
+}
+
+/// StartSandbox for `run`, as a worker sends it: the assignment's image,
+/// command, cascade, agent, tool, keys and payload.
+fn start_request(run: &Run) -> anyhow::Result<pb::StartSandboxRequest> {
+    let agent = run.assignment.agent.as_ref().context("no agent")?;
+    let task = run.assignment.task.as_ref().context("no task")?;
+    Ok(pb::StartSandboxRequest {
+        tenant: TENANT.into(),
+        run_jwt_svid: run.token.clone(),
+        task_id: run.task_id.clone(),
+        image: agent.image.clone(),
+        command: agent.command.clone(),
+        cascade: task.cascade.clone(),
+        agent: agent.name.clone(),
+        tool: agent.tool.clone(),
+        secret_keys: agent.requested_secret_keys.clone(),
+        payload: task.payload.clone(),
         limits: Some(pb::Limits {
             memory_bytes: MEMORY,
             cpu_millis: CPU_MILLIS,
@@ -807,7 +1100,7 @@ fn start_request(run_id: &str, token: &str, command: &[&str]) -> pb::StartSandbo
         }),
         backend: pb::SandboxBackend::Docker as i32,
         ..Default::default()
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -944,6 +1237,8 @@ struct Sample {
 #[derive(Debug, Clone, Copy, Default)]
 struct Inside {
     handler: Duration,
+    /// The dispatcher's GetRunAssignment handler.
+    assignment: Duration,
     resolve: Duration,
     /// The audit Append(s) sealed-vault made inside its Resolve.
     vault_append: Duration,
@@ -963,6 +1258,7 @@ impl Inside {
             Ok(found[0])
         };
         let handler = one("runner.StartSandbox")?;
+        let assignment = one("dispatcher.GetRunAssignment")?;
         let resolve = one("vault.Resolve")?;
         let resolve_end = resolve.start + resolve.took;
         let appends = calls.iter().filter(|c| c.method == "audit.Append");
@@ -976,6 +1272,7 @@ impl Inside {
         }
         Ok(Self {
             handler: handler.took,
+            assignment: assignment.took,
             resolve: resolve.took,
             vault_append,
             runner_append,
@@ -991,15 +1288,17 @@ struct Bench<'a> {
     events: Events,
     nonce: String,
     worker: RunnerClient,
-    dispatcher: IdClient,
+    claims: Claims,
+    /// The operator at the dispatcher (Enqueue) and at identity (Revoke).
+    enqueuer: DispClient,
     operator: IdClient,
-    runs: usize,
 }
 
 impl Bench<'_> {
-    fn next_run(&mut self) -> String {
-        self.runs += 1;
-        format!("run-{}-{}", self.nonce, self.runs)
+    async fn run(&mut self, version: &str) -> anyhow::Result<Run> {
+        self.claims
+            .run(self.stack, self.pki, &mut self.enqueuer, version)
+            .await
     }
 
     async fn bare(&mut self, i: usize) -> anyhow::Result<Sample> {
@@ -1039,9 +1338,8 @@ impl Bench<'_> {
     }
 
     async fn injected(&mut self) -> anyhow::Result<Sample> {
-        let run_id = self.next_run();
-        let token = mint_run(self.stack, self.pki, &mut self.dispatcher, &run_id).await?;
-        let req = start_request(&run_id, &token, &[TRUE]);
+        let run = self.run(V_TRUE).await?;
+        let req = start_request(&run)?;
         tokio::time::sleep(SETTLE).await;
         self.stack.times.take();
         let wall0 = epoch_ns(SystemTime::now());
@@ -1081,6 +1379,7 @@ impl Bench<'_> {
             "release report: {report:?}"
         );
         self.containers.gone(&id);
+        self.claims.report(&run, dpb::RunOutcome::Succeeded).await?;
         Ok(Sample {
             kind: Kind::Injected,
             id,
@@ -1158,12 +1457,11 @@ impl Bench<'_> {
     // Phase 2: revocation.
 
     async fn revoke_once(&mut self) -> anyhow::Result<Revoked> {
-        let run_id = self.next_run();
-        let token = mint_run(self.stack, self.pki, &mut self.dispatcher, &run_id).await?;
+        let run = self.run(V_SLEEP).await?;
+        let run_id = run.id.clone();
         let sb = within(
             "StartSandbox",
-            self.worker
-                .start_sandbox(start_request(&run_id, &token, &["sleep", "300"])),
+            self.worker.start_sandbox(start_request(&run)?),
         )
         .await?
         .into_inner()
@@ -1238,6 +1536,7 @@ impl Bench<'_> {
             tokio::time::sleep(POLL).await;
         }
         let released = released.context("the revoked sandbox was not released")?;
+        self.claims.report(&run, dpb::RunOutcome::Revoked).await?;
         Ok(Revoked {
             id,
             wall0,
@@ -1446,6 +1745,10 @@ fn report_starts(samples: &[Sample], events: &Events, engine: &Dist) {
     );
     println!(
         "{}",
+        d(&|i| i.assignment).row("inside: the dispatcher's GetRunAssignment handler")
+    );
+    println!(
+        "{}",
         d(&|i| i.resolve).row("inside: sealed-vault's Resolve handler (its audit included)")
     );
     println!(
@@ -1541,6 +1844,7 @@ async fn run(p: Params, containers: Arc<Containers>) -> anyhow::Result<()> {
         stop_events.clone(),
     ));
     seed(&stack, &pki).await?;
+    approve_agents(&stack, &pki).await?;
     println!(
         "engine {} (API {}), image {}; {} starts of each kind after {} pairs of warm-up; {} revocations",
         version.version.unwrap_or_default(),
@@ -1560,13 +1864,13 @@ async fn run(p: Params, containers: Arc<Containers>) -> anyhow::Result<()> {
         worker: RunnerClient::new(
             connect(&pki, &stack.runner_addr, "sandbox-runner", &pki.worker).await?,
         ),
-        dispatcher: IdClient::new(
-            connect(&pki, &stack.identity_addr, "identity", &pki.dispatcher).await?,
+        claims: Claims::open(&stack, &pki).await?,
+        enqueuer: DispClient::new(
+            connect(&pki, &stack.dispatcher_addr, "dispatcher", &pki.operator).await?,
         ),
         operator: IdClient::new(
             connect(&pki, &stack.identity_addr, "identity", &pki.operator).await?,
         ),
-        runs: 0,
     };
     let phase_start = Instant::now();
     let (samples, mut notes) = bench.starts(&p).await?;
