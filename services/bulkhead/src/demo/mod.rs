@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, ValueEnum};
 
+pub mod docker;
 pub mod fleet;
 pub mod governance;
 pub mod leak;
@@ -127,9 +128,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     } else {
         String::new()
     };
-    backend.cleanup();
+    let instance = stage.runner_instance();
     let kept = stage.kept().then(|| stage.dir.clone());
     stage.shutdown().await;
+    // After the mesh: what an unfinished sandbox scenario left in Docker.
+    for removed in backend.cleanup(instance.as_deref()) {
+        story.say(format!("cleanup: removed {removed}"));
+    }
     if let Err(e) = outcome {
         return Err(e.context(format!("the demo could not finish\n{logs}")));
     }

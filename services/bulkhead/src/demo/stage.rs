@@ -91,6 +91,8 @@ pub struct WorkerSpec<'a> {
     pub sandbox: Option<&'a str>,
     /// The backend asked of it (`docker` or `process`).
     pub sandbox_backend: Option<&'a str>,
+    /// Docker networks its sandboxes ask to join (`--sandbox-network`).
+    pub sandbox_networks: &'a [String],
 }
 
 impl<'a> WorkerSpec<'a> {
@@ -102,6 +104,7 @@ impl<'a> WorkerSpec<'a> {
             labels,
             sandbox: None,
             sandbox_backend: None,
+            sandbox_networks: &[],
         }
     }
 
@@ -113,6 +116,7 @@ impl<'a> WorkerSpec<'a> {
             labels,
             sandbox: None,
             sandbox_backend: None,
+            sandbox_networks: &[],
         }
     }
 }
@@ -217,6 +221,14 @@ impl Stage {
     /// The PID of one of the five services.
     pub fn service_pid(&self, name: &str) -> Option<u32> {
         self.mesh().process(name).and_then(|p| p.pid())
+    }
+
+    /// The sandbox-runner's instance id: the label on each of its containers.
+    pub fn runner_instance(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("data/sandbox-runner/runner-instance"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -326,6 +338,9 @@ impl Stage {
         }
         if let Some(backend) = spec.sandbox_backend {
             cmd.arg("--sandbox-backend").arg(backend);
+        }
+        for net in spec.sandbox_networks {
+            cmd.arg("--sandbox-network").arg(net);
         }
         let child = cmd
             // A credential: in the environment, never on the command line.
