@@ -5,6 +5,10 @@
 //! every process it started, and leave a mesh directory whose audit log
 //! `bulkhead audit verify` accepts — offline from the export it wrote, and
 //! over the wire once `bulkhead dev up` serves the same data again.
+//! With the Docker engine (skipped loudly without it, an error under
+//! `BULKHEAD_REQUIRE_EXTERNAL=1`) the sandbox walkthrough runs Docker
+//! sandboxes and leaves no container and no network behind; the process
+//! backend is run on its own too.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -12,6 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use bulkhead_testkit::docker::{docker, docker_or_skip};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -75,8 +80,61 @@ impl Drop for DevUp {
     }
 }
 
+/// The Docker side of the sandbox walkthrough, as the story told it: the
+/// backend, both tenants' answers from the stub container, the engine's view
+/// of both sandboxes scanned, zero leaks; and afterwards no sandbox
+/// container of the runner, no stub container and no network.
+fn docker_walkthrough_held(story: &str) -> anyhow::Result<()> {
+    for line in [
+        "sandbox backend: docker (--backend auto and the Docker engine ",
+        "mercy-clinic  vendor API says: {\"account\":\"acct_mercy-clinic\",\"tenant\":\"mercy-clinic\",\"ok\":true}",
+        "ledgerly      vendor API says: {\"account\":\"acct_ledgerly\",\"tenant\":\"ledgerly\",\"ok\":true}",
+        "✓ the engine's view of both sandboxes was read while they ran",
+        "scanned docker inspect of mercy-clinic's sandbox",
+        "scanned daemon's files of ledgerly's sandbox",
+        "✓ after release no sandbox container is left",
+        "✓ zero leaks: the keys reached their sandboxes and nothing else",
+        "✓ the walkthrough's container and network are gone",
+    ] {
+        ensure!(story.contains(line), "the story lacks {line:?}\n{story}");
+    }
+    let network = story
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("docker network "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("the story names no Docker network")?;
+    ensure!(network.starts_with("bulkhead-demo-"), "{network}");
+    let instance = story
+        .lines()
+        .find_map(|l| {
+            l.split_once("bulkhead.runner.instance=")
+                .map(|(_, i)| i.trim())
+        })
+        .context("the story names no runner instance")?;
+    ensure!(!instance.is_empty(), "an empty runner instance");
+    ensure!(
+        docker(&["network", "inspect", network]).is_err(),
+        "the network {network} is left"
+    );
+    let demo_label = format!("label=bulkhead.demo={network}");
+    let networks = docker(&["network", "ls", "-q", "--filter", &demo_label])?;
+    ensure!(networks.trim().is_empty(), "networks left: {networks}");
+    for filter in [
+        demo_label,
+        format!("label=bulkhead.runner.instance={instance}"),
+        format!("name={network}"),
+    ] {
+        let left = docker(&["ps", "-a", "-q", "--filter", &filter])?;
+        ensure!(left.trim().is_empty(), "containers left ({filter}): {left}");
+    }
+    Ok(())
+}
+
 #[test]
 fn the_demo_keeps_every_guarantee_and_leaves_a_verifiable_audit_log() -> anyhow::Result<()> {
+    // Without the engine the walkthrough runs on the process backend, and
+    // only its Docker assertions are skipped.
+    let with_docker = docker_or_skip()?;
     let exe = bulkhead()?;
     let tmp = tempfile::Builder::new()
         .prefix("bulkhead-demo-test-")
@@ -122,6 +180,16 @@ fn the_demo_keeps_every_guarantee_and_leaves_a_verifiable_audit_log() -> anyhow:
         story.contains("0 found"),
         "the leak scan found a canary\n{story}"
     );
+    if with_docker {
+        docker_walkthrough_held(&story)?;
+    } else {
+        ensure!(
+            story.contains(
+                "sandbox backend: process (--backend auto and the Docker engine does not answer"
+            ),
+            "{story}"
+        );
+    }
 
     // Every process it started has stopped.
     let left = processes_naming(&dir);
@@ -225,5 +293,45 @@ fn without_a_dir_the_demo_leaves_nothing_behind() -> anyhow::Result<()> {
     ensure!(!dir.exists(), "{} is still there", dir.display());
     let left = processes_naming(dir);
     ensure!(left.is_empty(), "the demo left processes behind: {left:?}");
+    Ok(())
+}
+
+/// `--backend process` runs the sandbox walkthrough without Docker: process
+/// sandboxes, the stub in the demo on loopback, each tenant's own key.
+#[test]
+fn the_process_backend_runs_the_sandbox_walkthrough() -> anyhow::Result<()> {
+    let out = Command::new(bulkhead()?)
+        .args([
+            "demo",
+            "--scenario",
+            "sandbox-credentials",
+            "--backend",
+            "process",
+        ])
+        .env_remove("BULKHEAD_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .context("failed to run bulkhead demo")?;
+    let story = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "the demo failed\n{}", text(&out));
+    if story.contains("SKIPPED:") {
+        eprintln!("SKIP: the sandbox walkthrough was skipped:\n{story}");
+        return Ok(());
+    }
+    for line in [
+        "sandbox backend: process (asked for with --backend process)",
+        "(in the demo)",
+        "✓ mercy-clinic's sandbox called the vendor API with mercy-clinic's own key",
+        "✓ ledgerly's sandbox called the vendor API with ledgerly's own key",
+        "✓ positive control: each key was in exactly one sandbox, its own tenant's",
+        "✓ zero leaks: the keys reached their sandboxes and nothing else",
+    ] {
+        ensure!(story.contains(line), "the story lacks {line:?}\n{story}");
+    }
+    ensure!(!story.contains('✗'), "a guarantee failed\n{story}");
+    ensure!(
+        !story.contains("docker network"),
+        "the process backend made a network\n{story}"
+    );
     Ok(())
 }
