@@ -1007,22 +1007,16 @@ async fn each_tenants_run_gets_its_own_key_and_the_key_leaks_nowhere() -> anyhow
     {
         scan_memory(pid, &what, &needles)?.clean()?;
     }
-    // For the record, not a guarantee this test holds the runner to: whether
-    // the runner's own memory still holds a key it zeroized on release.
-    if let Some(pid) = e2e
+    // The runner zeroized its copies on release (guarantee 1): its whole
+    // memory holds no form of either key any more (its allocator zeroes what
+    // is freed, and Resolve's connection did not outlive the start).
+    let runner_pid = e2e
         .mesh
         .mesh
         .process("sandbox-runner")
         .and_then(|p| p.pid())
-    {
-        let runner = scan_memory(pid, "the sandbox-runner after release", &needles)?;
-        eprintln!(
-            "note: sandbox-runner memory after release: {} bytes read, {} forms found: {:?}",
-            runner.bytes,
-            runner.hits.len(),
-            runner.hits
-        );
-    }
+        .context("the sandbox-runner's pid")?;
+    scan_memory(runner_pid, "the sandbox-runner after release", &needles)?.clean()?;
 
     // The audit log as compliance reads it.
     let export = e2e.audit_export().await?;

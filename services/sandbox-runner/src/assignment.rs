@@ -29,7 +29,8 @@ pub struct Assigned {
     pub agent: String,
     /// The agent's tool (its name when it named none).
     pub tool: String,
-    /// The keys the agent requested (empty: every key of the cascade).
+    /// The keys the agent requested: the only secrets delivered (empty:
+    /// none; the cascade's settings still are).
     pub secret_keys: Vec<String>,
     pub payload: bytes::Bytes,
     /// When the attempt must have reported.

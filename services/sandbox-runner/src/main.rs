@@ -1,5 +1,7 @@
 //! bulkhead-sandbox-runner: sandboxes on one worker host, credential injection and scrub.
 
+#![deny(unsafe_code)]
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -17,6 +19,14 @@ use bulkhead_sandbox_runner::runner::{Parts, Peers, Runner};
 use bulkhead_sandbox_runner::{config::Config, revocation, service, shim};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+
+// The one module with unsafe code: a global allocator that zeroes what it
+// frees, so that no freed buffer of this process keeps a credential.
+#[allow(unsafe_code)]
+mod zeroizing_alloc;
+
+#[global_allocator]
+static ALLOC: zeroizing_alloc::ZeroizingAlloc = zeroizing_alloc::ZeroizingAlloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -95,6 +105,19 @@ async fn main() -> anyhow::Result<()> {
         shim,
         instance,
         config: config.clone(),
+    });
+    // Resolve goes over a connection of its own, made and dropped per start,
+    // so that no pooled connection keeps a response in its buffers.
+    runner.dial_sealed_per_start({
+        let (addr, identity, bundle) = (sealed_addr.clone(), identity.clone(), bundle.clone());
+        move || {
+            channel(
+                &addr,
+                Some(&identity),
+                &bundle,
+                ExpectServer::Service("sealed-vault".into()),
+            )
+        }
     });
     // In the background: a slow engine must not hold up serving.
     tokio::spawn({

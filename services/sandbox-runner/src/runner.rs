@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bulkhead_mesh::Error;
 use bulkhead_mesh::audit::{self, AuditClient, Outcome};
-use bulkhead_mesh::client::MeshChannel;
+use bulkhead_mesh::client::{ConnectError, MeshChannel};
 use bulkhead_mesh::jwt::{self, JwtBundle};
 use bulkhead_mesh::revocation::RevocationList;
 use bulkhead_mesh::spiffe::{Principal, SpiffeId, TrustDomain};
@@ -61,6 +61,9 @@ pub struct Peers {
     pub audit: AuditClient,
 }
 
+/// Makes a new channel to sealed-vault (see [`Runner::dial_sealed_per_start`]).
+type DialSealed = Box<dyn Fn() -> Result<MeshChannel, ConnectError> + Send + Sync>;
+
 /// Who is calling, as the mesh authenticated it.
 #[derive(Debug, Clone)]
 pub struct Who {
@@ -111,7 +114,6 @@ pub struct Parts {
     pub instance: String,
 }
 
-#[derive(Debug)]
 struct Inner {
     policy: Policy,
     trust_domain: TrustDomain,
@@ -119,6 +121,8 @@ struct Inner {
     audience: String,
     self_id: String,
     peers: Peers,
+    /// When set, each start's Resolve dials sealed-vault anew.
+    dial_sealed: std::sync::OnceLock<DialSealed>,
     revocations: Arc<RevocationList>,
     synced: Arc<AtomicBool>,
     shim: std::path::PathBuf,
@@ -126,6 +130,17 @@ struct Inner {
     process: Option<Arc<ProcessBackend>>,
     registry: Registry,
     bundle: tokio::sync::RwLock<Option<(JwtBundle, Instant)>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("self_id", &self.self_id)
+            .field("peers", &self.peers)
+            .field("dial_sealed", &self.dial_sealed.get().is_some())
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The runner (cheap to clone).
@@ -143,9 +158,11 @@ struct Resolved {
 }
 
 fn wipe(b: bytes::Bytes) {
-    // Zeroized in place when this is the only handle on the buffer; tonic's
-    // decode buffer may share it, which is why the values are copied into
-    // zeroizing memory at once and the response dropped.
+    // Zeroized in place when this is the only handle on the buffer. Tonic's
+    // decode buffer usually shares it (prost slices `bytes` fields out of
+    // it), which is why the values are copied into zeroizing memory at once
+    // and the response dropped: the binary's allocator zeroes the buffer
+    // when its last handle goes.
     if let Ok(mut m) = b.try_into_mut() {
         m.as_mut().zeroize();
     }
@@ -226,6 +243,7 @@ impl Runner {
                 audience,
                 self_id: parts.self_id,
                 peers: parts.peers,
+                dial_sealed: std::sync::OnceLock::new(),
                 revocations: parts.revocations,
                 synced: parts.synced,
                 shim: parts.shim,
@@ -235,6 +253,21 @@ impl Runner {
                 bundle: tokio::sync::RwLock::new(None),
             }),
         }
+    }
+
+    /// Makes each start's Resolve go over a new connection to sealed-vault,
+    /// made by `dial` and dropped as soon as the values are taken, instead of
+    /// `Peers::sealed`'s pooled one. The response's plaintext passes through
+    /// that connection's rustls and HTTP/2 buffers, which a pooled connection
+    /// keeps (and reuses) for as long as it lives; a dropped one frees them,
+    /// and the binary's allocator zeroes what is freed. The cost is one mTLS
+    /// handshake per sandbox start, small next to starting a container. Set
+    /// once (later calls are ignored).
+    pub fn dial_sealed_per_start(
+        &self,
+        dial: impl Fn() -> Result<MeshChannel, ConnectError> + Send + Sync + 'static,
+    ) {
+        let _ = self.inner.dial_sealed.set(Box::new(dial));
     }
 
     /// Removes containers an earlier life of this runner left behind (a
@@ -864,7 +897,17 @@ impl Runner {
         req: &StartRequest,
         cascade: sealed_pb::Cascade,
     ) -> Result<Resolved, Error> {
-        let mut sealed = self.inner.peers.sealed.clone();
+        let mut sealed = match self.inner.dial_sealed.get() {
+            Some(dial) => SealedVaultServiceClient::new(
+                dial().map_err(|e| Error::unavailable("sealed-vault", e))?,
+            ),
+            None => self.inner.peers.sealed.clone(),
+        };
+        // Resolve has no way to ask for no secret: its empty key list means
+        // every key of the cascade. An agent that requested none is still
+        // asked Resolve (for the cascade's settings), and whatever secrets
+        // come back are wiped below, never delivered.
+        let wanted = &req.secret_keys;
         let resp = sealed
             .resolve(sealed_pb::ResolveRequest {
                 tenant: req.tenant.clone(),
@@ -872,16 +915,29 @@ impl Runner {
                 cascade: Some(cascade),
                 agent: req.agent.clone(),
                 tool: req.tool.clone(),
-                keys: req.secret_keys.clone(),
+                keys: wanted.clone(),
             })
             .await
             .map_err(sealed_error)?
             .into_inner();
+        // A fresh connection goes with its buffers (see dial_sealed_per_start).
+        drop(sealed);
         let mut secrets = Vec::with_capacity(resp.secrets.len());
+        let mut unrequested = Vec::new();
         for s in resp.secrets {
-            let value = Zeroizing::new(s.value.to_vec());
+            if wanted.contains(&s.key) {
+                let value = Zeroizing::new(s.value.to_vec());
+                secrets.push((s.key, value, s.version, s.fingerprint));
+            } else {
+                unrequested.push(s.key);
+            }
             wipe(s.value);
-            secrets.push((s.key, value, s.version, s.fingerprint));
+        }
+        if !unrequested.is_empty() {
+            tracing::info!(
+                keys = %unrequested.join(","),
+                "sealed-vault resolved secrets the agent did not request: not delivered"
+            );
         }
         let mut env: Vec<(String, String)> = resp.env.into_iter().collect();
         env.sort();

@@ -75,6 +75,8 @@ pub fn ensure_image() -> anyhow::Result<()> {
 pub struct Mesh {
     pub mesh: TestMesh,
     instance: String,
+    /// The secret keys of each tenant's `default` profile (see [`Mesh::profile`]).
+    keys: Mutex<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl Drop for Mesh {
@@ -117,7 +119,11 @@ pub async fn start_mesh(networks: &[&str]) -> anyhow::Result<Mesh> {
         .context("the runner's instance id")?
         .trim()
         .to_owned();
-    Ok(Mesh { mesh, instance })
+    Ok(Mesh {
+        mesh,
+        instance,
+        keys: Mutex::default(),
+    })
 }
 
 impl Mesh {
@@ -169,8 +175,13 @@ impl Mesh {
             .unwrap_or_default()
     }
 
-    /// A profile `tenant/default` with `DEBUG=1` and the given secrets.
+    /// A profile `tenant/default` with `DEBUG=1` and the given secrets, whose
+    /// keys the agents of [`TestWorker::run`] request.
     pub async fn profile(&self, tenant: &str, secrets: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.keys.lock().unwrap().insert(
+            tenant.to_owned(),
+            secrets.iter().map(|(k, _)| (*k).to_owned()).collect(),
+        );
         let mut op = self.sealed_as(OPERATOR)?;
         op.create_profile(sealed_pb::CreateProfileRequest {
             tenant: tenant.into(),
@@ -349,9 +360,15 @@ impl Mesh {
         })
     }
 
-    /// Submits a version of [`AGENT`] running `command` in `image` as the
-    /// operator, approved by the reviewer; returns the version.
-    pub async fn approved_agent(&self, image: &str, command: &[&str]) -> anyhow::Result<String> {
+    /// Submits a version of [`AGENT`] running `command` in `image` and
+    /// requesting `keys` as the operator, approved by the reviewer; returns
+    /// the version.
+    pub async fn approved_agent(
+        &self,
+        image: &str,
+        command: &[&str],
+        keys: Vec<String>,
+    ) -> anyhow::Result<String> {
         let version = format!("1.0.{}", VERSIONS.fetch_add(1, Ordering::Relaxed));
         self.dispatcher_as(OPERATOR)?
             .submit_agent(disp_pb::SubmitAgentRequest {
@@ -359,6 +376,7 @@ impl Mesh {
                 version: version.clone(),
                 image: image.into(),
                 command: command.iter().map(|s| (*s).to_owned()).collect(),
+                requested_secret_keys: keys,
                 description: "sandbox-runner test agent".into(),
                 ..Default::default()
             })
@@ -417,9 +435,10 @@ impl TestWorker {
     }
 
     /// A running run of a task of `tenant` (or of `pool`), for a newly
-    /// approved version of [`AGENT`] running `command` in `image`, with the
-    /// tenant's `default` profile: enqueued at the dispatcher, claimed and
-    /// accepted by this worker, its JWT-SVID minted.
+    /// approved version of [`AGENT`] running `command` in `image` and
+    /// requesting every secret key of the tenant's `default` profile, with
+    /// that profile: enqueued at the dispatcher, claimed and accepted by this
+    /// worker, its JWT-SVID minted.
     pub async fn run(
         &mut self,
         mesh: &Mesh,
@@ -428,7 +447,28 @@ impl TestWorker {
         image: &str,
         command: &[&str],
     ) -> anyhow::Result<Run> {
-        let version = mesh.approved_agent(image, command).await?;
+        let keys = mesh
+            .keys
+            .lock()
+            .unwrap()
+            .get(tenant)
+            .cloned()
+            .unwrap_or_default();
+        self.run_requesting(mesh, tenant, pool, image, command, keys)
+            .await
+    }
+
+    /// [`TestWorker::run`] of an agent requesting `keys`.
+    pub async fn run_requesting(
+        &mut self,
+        mesh: &Mesh,
+        tenant: &str,
+        pool: &str,
+        image: &str,
+        command: &[&str],
+        keys: Vec<String>,
+    ) -> anyhow::Result<Run> {
+        let version = mesh.approved_agent(image, command, keys).await?;
         self.send(Up::Credits(disp_pb::ClaimCredits { slots: 1 }))
             .await?;
         let task_id = mesh
