@@ -134,7 +134,13 @@ fn docker_walkthrough_held(story: &str) -> anyhow::Result<()> {
 fn the_demo_keeps_every_guarantee_and_leaves_a_verifiable_audit_log() -> anyhow::Result<()> {
     // Without the engine the walkthrough runs on the process backend, and
     // only its Docker assertions are skipped.
-    let with_docker = docker_or_skip()?;
+    let mut with_docker = docker_or_skip()?;
+    if with_docker && !nix::unistd::geteuid().is_root() {
+        // The demo's leak scan reads a container's processes and the
+        // daemon's files: without root it takes the process backend.
+        eprintln!("SKIP: the demo's Docker walkthrough needs root; checking the process backend");
+        with_docker = false;
+    }
     let exe = bulkhead()?;
     let tmp = tempfile::Builder::new()
         .prefix("bulkhead-demo-test-")
@@ -184,9 +190,7 @@ fn the_demo_keeps_every_guarantee_and_leaves_a_verifiable_audit_log() -> anyhow:
         docker_walkthrough_held(&story)?;
     } else {
         ensure!(
-            story.contains(
-                "sandbox backend: process (--backend auto and the Docker engine does not answer"
-            ),
+            story.contains("sandbox backend: process (--backend auto"),
             "{story}"
         );
     }

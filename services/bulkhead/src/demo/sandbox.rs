@@ -138,12 +138,18 @@ pub fn choose_backend(asked: Backend) -> anyhow::Result<Chosen> {
             ))
         }
         Backend::Auto => match docker::engine_version() {
-            Some(version) if networks => docker_chosen(format!(
-                "--backend auto and the Docker engine {version} answers"
-            )),
-            Some(_) => process_chosen(format!(
+            Some(version) if networks && nix::unistd::geteuid().is_root() => docker_chosen(
+                format!("--backend auto and the Docker engine {version} answers"),
+            ),
+            Some(_) if !networks => process_chosen(format!(
                 "--backend auto: the Docker engine answers, but {OLD_WORKER}"
             )),
+            // A container's processes run as another user, and the daemon's
+            // files are root's: the leak scan could not read them.
+            Some(_) => process_chosen(
+                "--backend auto: the Docker engine answers, but the leak scan needs root \
+                 to read a container's processes and the daemon's files",
+            ),
             None => process_chosen(
                 "--backend auto and the Docker engine does not answer (docker version)",
             ),
