@@ -839,6 +839,7 @@ async fn approve_agents(stack: &Stack, pki: &Pki) -> anyhow::Result<()> {
                 version: version.into(),
                 image: support::IMAGE.into(),
                 command: command.iter().map(|c| (*c).to_owned()).collect(),
+                requested_secret_keys: SECRET_KEYS.iter().map(|k| (*k).to_owned()).collect(),
                 description: "sandbox benchmark".into(),
                 ..Default::default()
             }),
