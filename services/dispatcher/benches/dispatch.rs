@@ -525,6 +525,18 @@ impl DispatchStore for TimedStore {
         )
         .await
     }
+    async fn running_task_of_run(
+        &self,
+        scope: &Scope,
+        run_id: &str,
+    ) -> Result<Option<TaskRow>, StoreError> {
+        self.t(
+            "running_task_of_run",
+            self.inner.running_task_of_run(scope, run_id),
+            none,
+        )
+        .await
+    }
     async fn get_task(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
         self.t("get_task", self.inner.get_task(task_id), none).await
     }
