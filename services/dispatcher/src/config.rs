@@ -59,7 +59,7 @@ impl Default for FleetConfig {
             max_payload_bytes: 1 << 20,
             weights: BTreeMap::new(),
             default_weight: 1,
-            quantum: 16,
+            quantum: 64,
         }
     }
 }

@@ -86,6 +86,7 @@ struct Inner {
     rounds: Mutex<Rounds>,
     work: Notify,
     agents: Mutex<HashMap<(String, String), AgentRow>>,
+    latest: Mutex<HashMap<String, (std::time::Instant, AgentRow)>>,
     changes: broadcast::Sender<String>,
     wake: Wake,
     draining: CancellationToken,
@@ -123,6 +124,7 @@ impl Engine {
                 rounds: Mutex::new(Rounds::default()),
                 work: Notify::new(),
                 agents: Mutex::new(HashMap::new()),
+                latest: Mutex::new(HashMap::new()),
                 changes,
                 wake: parts.wake,
                 draining: parts.draining,
@@ -494,10 +496,25 @@ impl Engine {
         let len = candidates.len();
         candidates.rotate_left(usize::try_from(rotation % len as u64).unwrap_or(0));
         let mut more = false;
+        // Label sets whose claim came back short this turn: no queued task of
+        // the scope matches them beyond what they got, so a worker whose labels
+        // are a subset of one cannot match anything either (every task it
+        // could take, the other could have taken). Skipping it saves a claim,
+        // which is a write, per idle worker per wake-up.
+        let mut exhausted: Vec<Labels> = Vec::new();
         for (worker_id, labels, credits) in candidates {
             if budget == 0 {
                 more = true;
                 break;
+            }
+            if exhausted
+                .iter()
+                .any(|e| crate::model::labels_match(&labels, e))
+            {
+                if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(&worker_id) {
+                    c.starved = true;
+                }
+                continue;
             }
             let want = credits.min(budget);
             let now = now_ms();
@@ -525,6 +542,9 @@ impl Engine {
                         more = true;
                     }
                 }
+            }
+            if got < want {
+                exhausted.push(labels);
             }
             for task in tasks {
                 self.deliver(&worker_id, task).await;
@@ -592,6 +612,8 @@ impl Engine {
         }
     }
 
+    /// An agent version. Decided versions never change, so they are cached;
+    /// a pending one is read again each time.
     pub async fn agent(&self, name: &str, version: &str) -> Result<AgentRow, Error> {
         let key = (name.to_owned(), version.to_owned());
         if let Some(a) = lock(&self.inner.agents).get(&key) {
@@ -604,7 +626,38 @@ impl Engine {
             .await
             .map_err(|e| Error::unavailable("storage", e))?
             .ok_or_else(|| Error::NotFound(format!("agent {name} {version}")))?;
-        lock(&self.inner.agents).insert(key, a.clone());
+        if a.status != crate::model::AgentStatus::Pending {
+            lock(&self.inner.agents).insert(key, a.clone());
+        }
+        Ok(a)
+    }
+
+    /// A decision about `name` was made here: its latest approved version is
+    /// read again on the next enqueue.
+    pub fn forget_latest(&self, name: &str) {
+        lock(&self.inner.latest).remove(name);
+    }
+
+    /// The most recently approved version of an agent, read at most once a
+    /// second per name: a decision made on this replica shows at once, one
+    /// made on another within a second.
+    pub async fn latest_approved_agent(&self, name: &str) -> Result<Option<AgentRow>, Error> {
+        const FRESH: Duration = Duration::from_secs(1);
+        if let Some((at, a)) = lock(&self.inner.latest).get(name)
+            && at.elapsed() < FRESH
+        {
+            return Ok(Some(a.clone()));
+        }
+        let a = self
+            .inner
+            .store
+            .latest_approved_agent(name)
+            .await
+            .map_err(|e| Error::unavailable("storage", e))?;
+        if let Some(a) = &a {
+            lock(&self.inner.latest)
+                .insert(name.to_owned(), (std::time::Instant::now(), a.clone()));
+        }
         Ok(a)
     }
 
@@ -1073,16 +1126,25 @@ impl Engine {
     // ---- polling and remote wake-ups ---------------------------------------
 
     async fn poll(self, stop: CancellationToken) {
+        // Ticks at the fallback interval and polls when the interval that
+        // fits Redis's health *now* has passed, so losing Redis shortens a
+        // long wait already under way.
+        let tick = Duration::from_millis(self.inner.fleet.fallback_poll_ms.max(10));
+        let mut last = std::time::Instant::now();
         loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                () = stop.cancelled() => return,
+            }
             let every = if self.inner.wake.healthy() {
                 self.inner.fleet.poll_ms
             } else {
                 self.inner.fleet.fallback_poll_ms
             };
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(every.max(10))) => {}
-                () = stop.cancelled() => return,
+            if last.elapsed() < Duration::from_millis(every) {
+                continue;
             }
+            last = std::time::Instant::now();
             let local: HashSet<Scope> = lock(&self.inner.conns).by_scope.keys().cloned().collect();
             if local.is_empty() {
                 continue;

@@ -432,11 +432,7 @@ impl DispatcherService for DispatcherApi {
         }
         let store = self.engine.store();
         let agent = if spec.agent_version.is_empty() {
-            match store
-                .latest_approved_agent(&spec.agent)
-                .await
-                .map_err(storage)?
-            {
+            match self.engine.latest_approved_agent(&spec.agent).await? {
                 Some(a) => a,
                 None => {
                     let any = store
@@ -455,13 +451,7 @@ impl DispatcherService for DispatcherApi {
                 }
             }
         } else {
-            let a = store
-                .get_agent(&spec.agent, &spec.agent_version)
-                .await
-                .map_err(storage)?
-                .ok_or_else(|| {
-                    Error::NotFound(format!("agent {} {}", spec.agent, spec.agent_version))
-                })?;
+            let a = self.engine.agent(&spec.agent, &spec.agent_version).await?;
             if a.status != AgentStatus::Approved {
                 return Err(Error::FailedPrecondition(format!(
                     "agent {} {} is {}, not approved",
@@ -1159,7 +1149,10 @@ impl DispatcherApi {
             .await
             .map_err(storage)?
         {
-            Decision::Decided(a) => Ok(convert::agent(&a)),
+            Decision::Decided(a) => {
+                self.engine.forget_latest(&a.name);
+                Ok(convert::agent(&a))
+            }
             Decision::NotPending(a) => Err(Status::failed_precondition(format!(
                 "agent {name} {version} is {}, not pending",
                 a.status.as_str()
