@@ -220,6 +220,43 @@ fn the_demo_keeps_every_guarantee_and_leaves_a_verifiable_audit_log() -> anyhow:
         text(&offline)
     );
 
+    // Right after the demo, with its mesh stopped, `audit export|verify --dir`
+    // read the audit store it left.
+    let stopped = Command::new(&exe)
+        .args(["audit", "verify", "--dir"])
+        .arg(&dir)
+        .output()?;
+    let said = text(&stopped);
+    ensure!(
+        stopped.status.success()
+            && said.contains("store verify: ok")
+            && said.contains("export verify: ok"),
+        "audit verify --dir on the stopped mesh failed\n{said}"
+    );
+    let exported = dir.join("audit-again.jsonl");
+    let export = Command::new(&exe)
+        .args(["audit", "export", "--dir"])
+        .arg(&dir)
+        .arg("--out")
+        .arg(&exported)
+        .output()?;
+    ensure!(
+        export.status.success(),
+        "audit export --dir on the stopped mesh failed\n{}",
+        text(&export)
+    );
+    let again = Command::new(&exe)
+        .args(["audit", "verify", "--complete", "--file"])
+        .arg(&exported)
+        .arg("--dir")
+        .arg(&dir)
+        .output()?;
+    ensure!(
+        again.status.success(),
+        "the stopped mesh's export does not verify\n{}",
+        text(&again)
+    );
+
     // The same mesh again, on the demo's data: the log verifies over the wire.
     let mut child = Command::new(&exe)
         .args(["dev", "up", "--dir"])

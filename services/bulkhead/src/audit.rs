@@ -208,6 +208,184 @@ fn load_endpoints(dir: &Path) -> anyhow::Result<Endpoints> {
     Endpoints::load(dir).with_context(|| format!("failed to read {}", path.display()))
 }
 
+/// The audit service of a mesh directory, or its store when the mesh is
+/// stopped (as `bulkhead demo --dir` leaves it).
+enum Live {
+    Up(AuditServiceClient<MeshChannel>),
+    Stopped(std::sync::Arc<dyn bulkhead_audit::store::AuditStore>),
+}
+
+/// Dials the audit service; if nothing answers at its address and the
+/// directory holds the audit service's config, opens its store instead.
+async fn connect_live(dir: &Path) -> anyhow::Result<Live> {
+    let endpoints = load_endpoints(dir)?;
+    let addr = endpoints
+        .address("audit")
+        .context("endpoints.json names no audit service")?;
+    let answering = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .is_ok_and(|c| c.is_ok());
+    if answering {
+        return Ok(Live::Up(connect(dir).await?));
+    }
+    let config = dir.join("config").join("audit.toml");
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        bail!(
+            "the audit service at {addr} does not answer and {} holds no audit config to read its \
+             store from",
+            dir.display()
+        );
+    };
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("failed to parse {}", config.display()))?;
+    let url = match table.get("store").and_then(|v| v.as_str()) {
+        Some(s) if !s.is_empty() => s.to_owned(),
+        _ => {
+            let data_dir = table
+                .get("data_dir")
+                .and_then(|v| v.as_str())
+                .with_context(|| format!("{} names no data_dir", config.display()))?;
+            format!(
+                "sqlite://{}",
+                Path::new(data_dir).join("audit.db").display()
+            )
+        }
+    };
+    if let Some(path) = url.strip_prefix("sqlite://")
+        && !Path::new(path).is_file()
+    {
+        bail!("the audit service at {addr} does not answer and its store {path} does not exist");
+    }
+    eprintln!(
+        "the mesh at {} is not running: reading its audit store directly",
+        dir.display()
+    );
+    let store = bulkhead_audit::store::open(&url)
+        .await
+        .with_context(|| format!("failed to open the audit store of {}", dir.display()))?;
+    Ok(Live::Stopped(store))
+}
+
+/// The whole log of a stopped mesh, cut at its newest signed tree head, in
+/// the format of the service's Export.
+async fn stopped_export_lines(
+    store: &dyn bulkhead_audit::store::AuditStore,
+    mut line: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<(u64, TreeHead)> {
+    let head = store
+        .latest_head()
+        .await
+        .context("failed to read the signed tree heads")?
+        .context("the log has no signed tree head yet")?;
+    let mut after = 0u64;
+    let mut events = 0u64;
+    'read: while after < head.tree_size {
+        let rows = store
+            .range(after, 10_000)
+            .await
+            .context("failed to read the audit store")?;
+        if rows.is_empty() {
+            break;
+        }
+        for e in rows {
+            if e.event.sequence > head.tree_size {
+                break 'read;
+            }
+            after = e.event.sequence;
+            line(&bulkhead_audit::service::export_line(&e, None))?;
+            events += 1;
+        }
+    }
+    line(&format!(
+        "{}\n",
+        serde_json::json!({ "tree_head": head.to_json() })
+    ))?;
+    Ok((events, head))
+}
+
+async fn export_stopped(
+    dir: &Path,
+    store: &dyn bulkhead_audit::store::AuditStore,
+    out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let (events, head) = stopped_export_lines(store, |l| {
+        buf.extend_from_slice(l.as_bytes());
+        Ok(())
+    })
+    .await?;
+    match out {
+        None => {
+            std::io::stdout().write_all(&buf)?;
+            eprintln!(
+                "exported {events} events of the stopped mesh at {}, cut at the signed tree head of size {}",
+                dir.display(),
+                head.tree_size
+            );
+        }
+        Some(path) => {
+            let mut partial = path.as_os_str().to_owned();
+            partial.push(".partial");
+            let partial = PathBuf::from(partial);
+            std::fs::write(&partial, &buf)
+                .with_context(|| format!("failed to write {}", partial.display()))?;
+            std::fs::rename(&partial, path)
+                .with_context(|| format!("failed to rename {}", partial.display()))?;
+            println!(
+                "exported {events} events, cut at the signed tree head of size {}, to {}",
+                head.tree_size,
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Verify of a stopped mesh: the store recomputed here (as the service would),
+/// and its export checked with the public key alone.
+async fn verify_stopped(
+    dir: &Path,
+    store: &dyn bulkhead_audit::store::AuditStore,
+    key: &VerifyingKey,
+) -> anyhow::Result<()> {
+    let report = bulkhead_audit::verify::verify(store, key, 0, 0)
+        .await
+        .context("failed to read the audit store")?;
+    let size = report.head.as_ref().map_or(0, |h| h.tree_size);
+    if report.ok() {
+        println!(
+            "store verify: ok: {} events checked against the signed tree head of size {size}",
+            report.checked
+        );
+    } else {
+        println!(
+            "store verify: FAILED at sequence {}: {:?} ({} events checked)",
+            report.first_bad.unwrap_or(0),
+            report.problem,
+            report.checked
+        );
+    }
+    let mut verifier = ExportVerifier::new(key, VerifyOptions { complete: true });
+    stopped_export_lines(store, |l| {
+        verifier.push_line(l);
+        Ok(())
+    })
+    .await?;
+    let offline = verifier.finish();
+    match &offline {
+        Ok(summary) => println!("export verify: ok: {summary}"),
+        Err(e) => println!("export verify: FAILED: {e}"),
+    }
+    if report.ok() && offline.is_ok() {
+        Ok(())
+    } else {
+        bail!("the audit log of {} does not verify", dir.display())
+    }
+}
+
 /// Dials the audit service as the operator named in `endpoints.json`.
 async fn connect(dir: &Path) -> anyhow::Result<AuditServiceClient<MeshChannel>> {
     let endpoints = load_endpoints(dir)?;
@@ -420,7 +598,27 @@ async fn export(
 ) -> anyhow::Result<()> {
     let start_time = timestamp("--since", range.since.as_deref())?;
     let end_time = timestamp("--until", range.until.as_deref())?;
-    let mut client = connect(dir).await?;
+    let mut client = match connect_live(dir).await? {
+        Live::Up(client) => client,
+        Live::Stopped(store) => {
+            let unfiltered = filters.tenant.is_none()
+                && filters.type_prefix.is_none()
+                && filters.run_id.is_none()
+                && filters.actor.is_none()
+                && start_time.is_none()
+                && end_time.is_none()
+                && after == 0;
+            if !unfiltered {
+                bail!(
+                    "the mesh at {} is not running: a stopped mesh's log is exported whole \
+                     (filters need the audit service's proofs; start it with `bulkhead dev up --dir {}`)",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            return export_stopped(dir, store.as_ref(), out).await;
+        }
+    };
     let mut stream = client
         .export(pb::ExportRequest {
             tenant: some(filters.tenant),
@@ -549,7 +747,10 @@ fn verify_file(
 
 async fn verify_mesh(dir: &Path, key: Option<&Path>) -> anyhow::Result<()> {
     let key = public_key(key, Some(dir))?;
-    let mut client = connect(dir).await?;
+    let mut client = match connect_live(dir).await? {
+        Live::Up(client) => client,
+        Live::Stopped(store) => return verify_stopped(dir, store.as_ref(), &key).await,
+    };
 
     // The service recomputes its own store.
     let server = client
