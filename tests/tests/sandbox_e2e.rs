@@ -226,6 +226,17 @@ fn scan_environ(pid: u32, what: &str, needles: &Needles) -> anyhow::Result<Scan>
 /// Every regular file under `root` (symlinks not followed, files over
 /// [`MAX_SCANNED_FILE`] skipped).
 fn scan_files(root: &Path, scan: &mut Scan, needles: &Needles) {
+    scan_files_since(root, scan, needles, None);
+}
+
+/// As [`scan_files`], only files modified at or after `since` (when set): a
+/// file that holds a canary was written after the canary was made.
+fn scan_files_since(
+    root: &Path,
+    scan: &mut Scan,
+    needles: &Needles,
+    since: Option<std::time::SystemTime>,
+) {
     let Ok(entries) = std::fs::read_dir(root) else {
         scan.skipped += 1;
         return;
@@ -237,9 +248,12 @@ fn scan_files(root: &Path, scan: &mut Scan, needles: &Needles) {
             continue;
         };
         if meta.is_dir() {
-            scan_files(&path, scan, needles);
+            scan_files_since(&path, scan, needles, since);
         } else if !meta.is_file() || meta.len() > MAX_SCANNED_FILE {
             scan.skipped += 1;
+        } else if since.is_some_and(|t| meta.modified().is_ok_and(|m| m < t)) {
+            // Older than the canaries: cannot hold them (and a build tree
+            // under /tmp would otherwise take minutes to read).
         } else {
             match std::fs::read(&path) {
                 Ok(bytes) => scan.look(&path.display().to_string(), &bytes, needles),
@@ -257,13 +271,17 @@ fn scan_tree(what: &str, roots: &[&Path], needles: &Needles) -> Scan {
     scan
 }
 
-/// The host's temp dirs: `$TMPDIR` (or its default) and `/tmp`.
-fn scan_temp_dirs(needles: &Needles) -> Scan {
+/// The host's temp dirs: `$TMPDIR` (or its default) and `/tmp`, every file
+/// written since the canaries were made.
+fn scan_temp_dirs(needles: &Needles, since: std::time::SystemTime) -> Scan {
     let mut roots: BTreeSet<PathBuf> = BTreeSet::new();
     roots.insert(std::env::temp_dir());
     roots.insert(PathBuf::from("/tmp"));
-    let roots: Vec<&Path> = roots.iter().map(PathBuf::as_path).collect();
-    scan_tree("the host's temp dirs", &roots, needles)
+    let mut scan = Scan::new("the host's temp dirs");
+    for root in &roots {
+        scan_files_since(root, &mut scan, needles, Some(since));
+    }
+    scan
 }
 
 /// A random canary: ASCII letters, digits and dashes.
@@ -837,6 +855,8 @@ async fn each_tenants_run_gets_its_own_key_and_the_key_leaks_nowhere() -> anyhow
         return Ok(());
     };
     let started = Instant::now();
+    // Filesystem times have coarse granularity: a second of slack.
+    let canaries_made = std::time::SystemTime::now() - Duration::from_secs(1);
     let tenants = ["acme", "globex"];
     let canaries: BTreeMap<&str, String> = tenants.iter().map(|t| (*t, canary(t))).collect();
     for t in tenants {
@@ -1103,7 +1123,7 @@ async fn each_tenants_run_gets_its_own_key_and_the_key_leaks_nowhere() -> anyhow
     );
     std::fs::remove_file(&planted)?;
 
-    scan_temp_dirs(&needles).clean()?;
+    scan_temp_dirs(&needles, canaries_made).clean()?;
     eprintln!("the leak test took {:?}", started.elapsed());
     Ok(())
 }
