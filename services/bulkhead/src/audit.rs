@@ -234,8 +234,8 @@ async fn connect_live(dir: &Path) -> anyhow::Result<Live> {
     let config = dir.join("config").join("audit.toml");
     let Ok(text) = std::fs::read_to_string(&config) else {
         bail!(
-            "the audit service at {addr} does not answer and {} holds no audit config to read its \
-             store from",
+            "cannot reach the audit service at {addr}, and {} holds no audit config to read its \
+             store from (is the mesh running?)",
             dir.display()
         );
     };
@@ -257,7 +257,7 @@ async fn connect_live(dir: &Path) -> anyhow::Result<Live> {
     if let Some(path) = url.strip_prefix("sqlite://")
         && !Path::new(path).is_file()
     {
-        bail!("the audit service at {addr} does not answer and its store {path} does not exist");
+        bail!("cannot reach the audit service at {addr}, and its store {path} does not exist");
     }
     eprintln!(
         "the mesh at {} is not running: reading its audit store directly",
