@@ -146,6 +146,35 @@ async fn services_write_only_their_own_events_and_tenants_read_only_their_own() 
         .await
         .expect_err("cross-tenant export");
     assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Sealed-vault reads back what it appended, of every tenant (its start
+    // replays run holdings from it), and nothing else.
+    let sealed_id = "spiffe://bulkhead.test/service/sealed-vault";
+    let own = sealed
+        .query(pb::QueryRequest {
+            actor: sealed_id.into(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert_eq!(own.iter().map(|e| e.sequence).collect::<Vec<_>>(), [1, 2]);
+    for actor in ["", "spiffe://bulkhead.test/service/dispatcher"] {
+        let err = sealed
+            .query(pb::QueryRequest {
+                actor: actor.into(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect_err("another actor's events");
+        assert_eq!(err.code(), Code::PermissionDenied, "{actor:?}: {err}");
+    }
+    let err = query(&mut dispatcher, "")
+        .await
+        .expect_err("the dispatcher reads nothing");
+    assert_eq!(err.code(), Code::PermissionDenied);
     Ok(())
 }
 

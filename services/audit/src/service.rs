@@ -33,7 +33,13 @@ pub static RULES: &[Rule] = &[
             who::SANDBOX_RUNNER,
         ],
     ),
-    Rule::new("Query", &[who::OPERATOR, who::TENANT_CLIENT]).tenant_scoped(),
+    // Sealed-vault reads back its own resolutions at start, to replay the
+    // run holdings a power cut may have taken from its store.
+    Rule::new(
+        "Query",
+        &[who::OPERATOR, who::TENANT_CLIENT, who::SEALED_VAULT],
+    )
+    .tenant_scoped(),
     Rule::new("Tail", &[who::OPERATOR, who::TENANT_CLIENT]).tenant_scoped(),
     Rule::new("Verify", &[who::OPERATOR]),
     Rule::new("Export", &[who::OPERATOR, who::TENANT_CLIENT]).tenant_scoped(),
@@ -89,7 +95,15 @@ fn filter(
     start: Option<prost_types::Timestamp>,
     end: Option<prost_types::Timestamp>,
 ) -> Result<Filter, Error> {
-    if tenant.is_empty() && !caller.is_operator() {
+    // A service (neither operator nor of a tenant) reads only what it
+    // appended itself, of every tenant.
+    let service = !caller.is_operator() && caller.tenant().is_none();
+    if service && actor != caller.id.to_string() {
+        return Err(Error::denied(
+            "a service may read only the events it appended: set actor to its own id",
+        ));
+    }
+    if tenant.is_empty() && !caller.is_operator() && !service {
         return Err(Error::denied(
             "only operators may read every tenant's events",
         ));

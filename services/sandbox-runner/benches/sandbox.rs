@@ -580,6 +580,8 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
         identity: IdClient::new(vault_channel(&identity_addr, "identity")?),
         revocations: vault_revocations.clone(),
         reveals_per_minute: 10,
+        // A fresh store: nothing for a start to replay.
+        recover_holdings: None,
     });
     let bound = MeshServer::new("sealed-vault", pki.vault.clone(), pki.bundle.clone())
         .revocations(vault_revocations.clone())

@@ -602,6 +602,9 @@ impl SealedStore for TimedStore {
     ) -> Result<Vec<String>, StoreError> {
         self.inner.runs_holding(tenant, profile, key, now_ms).await
     }
+    async fn latest_holding_ms(&self) -> Result<Option<i64>, StoreError> {
+        self.inner.latest_holding_ms().await
+    }
     async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune_holdings(now_ms).await
     }
@@ -840,6 +843,8 @@ async fn start_stack(
         identity: IdentityServiceClient::new(vault_channel(&identity_addr, "identity")?),
         revocations: revocations.clone(),
         reveals_per_minute: 10,
+        // A fresh store: nothing for a start to replay.
+        recover_holdings: None,
     });
     let bound = MeshServer::new("sealed-vault", pki.vault.clone(), pki.bundle.clone())
         .revocations(revocations.clone())

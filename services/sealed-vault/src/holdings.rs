@@ -29,13 +29,31 @@
 //! commits go together in the next, so a burst costs a commit per batch,
 //! not one per Resolve; a Resolve waits for the commit in flight, if any, and
 //! then its own.
+//!
+//! # Durability
+//!
+//! The argument above needs a holding to be *visible* before the last read,
+//! not to be on disk: on SQLite, holdings commit on a connection with
+//! synchronous=NORMAL, which survives a crash of the process but not a power
+//! cut, and so costs no fsync of its own beside audit's. What a power cut can
+//! take is a suffix of the holdings commits. Every holding is also in audit,
+//! durably, before its values leave: `sealed.credential.resolved` carries the
+//! run, its tenant and the `holdings` attribute ([`attribute`]). A starting
+//! sealed-vault therefore replays the resolutions it recorded since a minute
+//! before its newest surviving holding ([`recover`]), and refuses
+//! RevokeSecret until that is done, so that no revocation is computed from
+//! holdings a power cut shortened.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use bulkhead_mesh::client::MeshChannel;
+use bulkhead_proto::audit::v1 as audit_pb;
+use bulkhead_proto::audit::v1::audit_service_client::AuditServiceClient;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::{Holding, SealedStore};
+use crate::store::{Holding, SealedStore, StoreError};
 
 /// How long a resolved run counts as holding its keys: a run SVID lives at
 /// most 15 minutes.
@@ -46,6 +64,14 @@ const PRUNE_EVERY: Duration = Duration::from_secs(30);
 const MAX_BATCH: usize = 256;
 /// Resolves waiting for the writer, at most; more wait to be queued.
 const QUEUE: usize = 4096;
+/// How far before the newest surviving holding [`recover`] starts: a
+/// holding carries the time its Resolve made it, which may precede its
+/// commit (and so the start of a lost suffix) by its time in the queue.
+const REPLAY_MARGIN: Duration = Duration::from_secs(60);
+/// The audit event whose `holdings` attribute [`recover`] replays.
+pub const RESOLVED: &str = "sealed.credential.resolved";
+/// Attribute values audit takes, at most (bytes).
+const ATTRIBUTE_MAX: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HoldError {
@@ -155,4 +181,242 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// The holdings in audit, and their replay
+
+/// The `holdings` attribute(s) of a resolution: `profile:KEY+KEY,profile:KEY`
+/// (profile names are `[A-Za-z0-9._-]`, keys `[A-Za-z0-9_]`), cut at whole
+/// profiles or keys into values of at most 1,024 bytes named `holdings`,
+/// `holdings.1`, `holdings.2`, ….
+pub fn attribute<'a>(held: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<(String, String)> {
+    let mut by_profile: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (profile, key) in held {
+        by_profile.entry(profile).or_default().push(key);
+    }
+    let mut values: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for (profile, keys) in by_profile {
+        let mut started = false;
+        for key in keys {
+            // `,profile:KEY` when a new group starts here, else `+KEY`.
+            let piece_len = if started {
+                1 + key.len()
+            } else {
+                usize::from(!current.is_empty()) + profile.len() + 1 + key.len()
+            };
+            if !current.is_empty() && current.len() + piece_len > ATTRIBUTE_MAX {
+                values.push(std::mem::take(&mut current));
+                started = false;
+            }
+            if started {
+                current.push('+');
+            } else {
+                if !current.is_empty() {
+                    current.push(',');
+                }
+                current.push_str(profile);
+                current.push(':');
+                started = true;
+            }
+            current.push_str(key);
+        }
+    }
+    if !current.is_empty() {
+        values.push(current);
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let name = if i == 0 {
+                "holdings".to_owned()
+            } else {
+                format!("holdings.{i}")
+            };
+            (name, v)
+        })
+        .collect()
+}
+
+/// The (profile, key) pairs of an event's `holdings` attribute(s).
+pub fn parse_attribute(
+    attributes: &std::collections::HashMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for (name, value) in attributes {
+        if name != "holdings" && !name.starts_with("holdings.") {
+            continue;
+        }
+        for group in value.split(',') {
+            let Some((profile, keys)) = group.split_once(':') else {
+                continue;
+            };
+            for key in keys.split('+').filter(|k| !k.is_empty()) {
+                pairs.push((profile.to_owned(), key.to_owned()));
+            }
+        }
+    }
+    pairs
+}
+
+/// Whether RevokeSecret may read holdings yet (see the module's
+/// *Durability*). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Recovered(watch::Receiver<bool>);
+
+impl Recovered {
+    /// Holdings need no replay (a test that owns the store from empty).
+    pub fn already() -> Self {
+        Self(watch::channel(true).1)
+    }
+
+    pub fn is_done(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Where the replay reads: audit, as this sealed-vault (`actor`, its own
+/// SPIFFE ID; audit lets a service read only what it appended).
+#[derive(Debug, Clone)]
+pub struct AuditReader {
+    pub client: AuditServiceClient<MeshChannel>,
+    pub actor: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("the sealed store: {0}")]
+    Store(#[from] StoreError),
+    #[error("audit: {0}")]
+    Audit(String),
+}
+
+/// Starts the replay in the background, retrying every few seconds until it
+/// is done (audit may start after sealed-vault). Needs a Tokio runtime.
+pub fn recover(store: Arc<dyn SealedStore>, reader: AuditReader) -> Recovered {
+    let (done, recovered) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match replay(store.as_ref(), &reader).await {
+                Ok(replayed) => {
+                    tracing::info!(replayed, "run holdings recovered from audit");
+                    let _ = done.send(true);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot recover run holdings from audit yet; revocations wait");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+    Recovered(recovered)
+}
+
+/// Re-records the holdings of every resolution this sealed-vault recorded in
+/// audit since [`REPLAY_MARGIN`] before the newest surviving holding (at most
+/// [`HOLD_FOR`] back); returns how many holdings it wrote.
+pub async fn replay(store: &dyn SealedStore, reader: &AuditReader) -> Result<usize, RecoverError> {
+    let now = now_ms();
+    let hold_ms = i64::try_from(HOLD_FOR.as_millis()).unwrap_or(i64::MAX);
+    let margin_ms = i64::try_from(REPLAY_MARGIN.as_millis()).unwrap_or(i64::MAX);
+    let floor = now.saturating_sub(hold_ms);
+    let from = store
+        .latest_holding_ms()
+        .await?
+        .map_or(floor, |latest| latest.saturating_sub(margin_ms).max(floor));
+    let mut client = reader.client.clone();
+    let mut after = 0;
+    let mut written = 0;
+    loop {
+        let page = client
+            .query(audit_pb::QueryRequest {
+                tenant: String::new(),
+                type_prefix: RESOLVED.to_owned(),
+                run_id: String::new(),
+                actor: reader.actor.clone(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: from.div_euclid(1000),
+                    nanos: i32::try_from(from.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+                }),
+                end_time: None,
+                after_sequence: after,
+                limit: 1000,
+            })
+            .await
+            .map_err(|s| RecoverError::Audit(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        let mut rows = Vec::new();
+        for e in &page.events {
+            // Only exact matches of the type: the filter is a prefix.
+            if e.r#type != RESOLVED || e.run_id.is_empty() {
+                continue;
+            }
+            let at_ms = e.time.as_ref().map_or(now, |t| {
+                t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000)
+            });
+            let pairs = parse_attribute(&e.attributes);
+            rows.extend(of_run(
+                &e.tenant,
+                &e.run_id,
+                pairs.iter().map(|(p, k)| (p.as_str(), k.as_str())),
+                at_ms,
+            ));
+        }
+        if !rows.is_empty() {
+            store.record_holdings(&rows).await?;
+            written += rows.len();
+        }
+        if page.next_after_sequence == 0 {
+            return Ok(written);
+        }
+        after = page.next_after_sequence;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attribute_round_trips_and_is_cut_at_audit_size() {
+        let held = [("app", "KEY_A"), ("app", "KEY_B"), ("base.v2", "TOKEN")];
+        let attrs = attribute(held);
+        assert_eq!(
+            attrs,
+            [(
+                "holdings".to_owned(),
+                "app:KEY_A+KEY_B,base.v2:TOKEN".to_owned()
+            )]
+        );
+        let map = attrs.into_iter().collect();
+        let mut back = parse_attribute(&map);
+        back.sort();
+        assert_eq!(
+            back,
+            [("app", "KEY_A"), ("app", "KEY_B"), ("base.v2", "TOKEN")]
+                .map(|(p, k)| (p.to_owned(), k.to_owned()))
+        );
+
+        let keys: Vec<String> = (0..200)
+            .map(|i| format!("A_RATHER_LONG_KEY_NAME_{i:03}"))
+            .collect();
+        let held: Vec<(&str, &str)> = keys.iter().map(|k| ("app", k.as_str())).collect();
+        let attrs = attribute(held.iter().copied());
+        assert!(attrs.len() > 1, "{} values", attrs.len());
+        assert!(attrs.iter().all(|(_, v)| v.len() <= ATTRIBUTE_MAX));
+        let map = attrs.into_iter().collect();
+        let mut back = parse_attribute(&map);
+        back.sort();
+        let mut want: Vec<(String, String)> = held
+            .iter()
+            .map(|(p, k)| ((*p).to_owned(), (*k).to_owned()))
+            .collect();
+        want.sort();
+        assert_eq!(back, want);
+    }
 }

@@ -8,12 +8,13 @@ use bulkhead_mesh::audit::AuditClient;
 use bulkhead_mesh::config::CommonFlags;
 use bulkhead_mesh::server::MeshServer;
 use bulkhead_mesh::tls::ExpectServer;
+use bulkhead_proto::audit::v1::audit_service_client::AuditServiceClient;
 use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use bulkhead_sealed_vault::backend::Backends;
 use bulkhead_sealed_vault::crypto::{MASTER_KEY_ENV, MasterKey};
 use bulkhead_sealed_vault::secret::SecretValue;
 use bulkhead_sealed_vault::service::{self, Parts, SealedVaultApi};
-use bulkhead_sealed_vault::{config::Config, store};
+use bulkhead_sealed_vault::{config::Config, holdings, store};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -102,12 +103,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("failed to open the sealed store")?;
     let backends = Backends::new(config.backends).context("invalid backends configuration")?;
-    let audit = AuditClient::new(bulkhead_mesh::client::channel(
+    let audit_channel = bulkhead_mesh::client::channel(
         audit_addr,
         Some(&identity),
         &bundle,
         ExpectServer::Service("audit".into()),
-    )?);
+    )?;
+    let audit = AuditClient::new(audit_channel.clone());
+    let recover_holdings = holdings::AuditReader {
+        client: AuditServiceClient::new(audit_channel),
+        actor: identity.spiffe_id().to_string(),
+    };
     let identity_client = IdentityServiceClient::new(bulkhead_mesh::client::channel(
         identity_addr,
         Some(&identity),
@@ -129,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         identity: identity_client,
         revocations: revoked.clone(),
         reveals_per_minute: config.reveals_per_minute,
+        recover_holdings: Some(recover_holdings),
     });
     // Resolve fails closed until identity's revocation list is in hand:
     // report NOT_SERVING until then.

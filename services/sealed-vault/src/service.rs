@@ -82,6 +82,11 @@ pub struct Parts {
     pub identity: IdentityServiceClient<bulkhead_mesh::client::MeshChannel>,
     pub revocations: Arc<RevocationList>,
     pub reveals_per_minute: u32,
+    /// Where the run holdings a power cut may have taken are replayed from
+    /// at start (see `crate::holdings`); RevokeSecret waits for it. `None`
+    /// only where the store is known whole (tests and benchmarks that made
+    /// it).
+    pub recover_holdings: Option<holdings::AuditReader>,
 }
 
 #[derive(Debug)]
@@ -90,6 +95,8 @@ struct Inner {
     bundle: tokio::sync::RwLock<Option<(JwtBundle, Instant)>>,
     /// Which runs resolved which keys, for RevokeSecret's affected runs.
     holdings: HoldingsWriter,
+    /// Whether the holdings are whole again after a start.
+    recovered: holdings::Recovered,
     reveals: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -369,6 +376,10 @@ impl SealedVaultApi {
         Self {
             inner: Arc::new(Inner {
                 holdings: HoldingsWriter::start(parts.store.clone()),
+                recovered: match parts.recover_holdings.clone() {
+                    Some(reader) => holdings::recover(parts.store.clone(), reader),
+                    None => holdings::Recovered::already(),
+                },
                 parts,
                 bundle: tokio::sync::RwLock::new(None),
                 reveals: Mutex::new(HashMap::new()),
@@ -801,21 +812,28 @@ impl SealedVaultApi {
                 fingerprint,
             });
         }
-        // Recorded before it is returned; if audit cannot record it, no value leaves.
-        let seq = self
-            .audit(audit::event(
-                "sealed.credential.resolved",
-                &r.tenant,
-                run_id,
-                Outcome::Success,
-                [
-                    ("keys", attrs_keys.join(",")),
-                    ("backend_request_ids", attrs_request_ids.join(",")),
-                    ("caller", caller.id.to_string()),
-                    ("agent", r.agent.clone()),
-                ],
-            ))
-            .await?;
+        // Recorded before it is returned; if audit cannot record it, no value
+        // leaves. The holdings in it are what a start replays after a power
+        // cut (see `crate::holdings`).
+        let mut resolved = audit::event(
+            holdings::RESOLVED,
+            &r.tenant,
+            run_id,
+            Outcome::Success,
+            [
+                ("keys", attrs_keys.join(",")),
+                ("backend_request_ids", attrs_request_ids.join(",")),
+                ("caller", caller.id.to_string()),
+                ("agent", r.agent.clone()),
+            ],
+        );
+        resolved.attributes.extend(holdings::attribute(
+            chosen
+                .iter()
+                .filter(|e| e.is_secret() && !e.profile.is_empty())
+                .map(|e| (e.profile.as_str(), e.key.as_str())),
+        ));
+        let seq = self.audit(resolved).await?;
         Ok(pb::ResolveResponse {
             secrets,
             env: env.into_iter().collect(),
@@ -1355,6 +1373,15 @@ impl SealedVaultService for SealedVaultApi {
         }
         if r.reason.trim().is_empty() || r.reason.len() > 512 {
             return Err(Error::invalid("reason", "1 to 512 bytes").into());
+        }
+        // The runs it affects are read from the holdings, which may still
+        // lack what a power cut took (see `crate::holdings`).
+        if !self.inner.recovered.is_done() {
+            return Err(Error::unavailable(
+                "run holdings",
+                std::io::Error::other("still being recovered from audit"),
+            )
+            .into());
         }
         let key = (!r.key.is_empty()).then_some(r.key.clone());
         // Recorded before it takes effect: without the record, no revocation.

@@ -31,6 +31,7 @@ use bulkhead_proto::sealed::v1 as pb;
 use bulkhead_proto::sealed::v1::sealed_vault_service_client::SealedVaultServiceClient;
 use bulkhead_sealed_vault::backend::Backends;
 use bulkhead_sealed_vault::crypto::MasterKey;
+use bulkhead_sealed_vault::holdings;
 use bulkhead_sealed_vault::secret::SecretValue;
 use bulkhead_sealed_vault::service::{self, Parts, SealedVaultApi};
 use bulkhead_sealed_vault::store::{
@@ -351,6 +352,17 @@ impl VaultProcess {
         keys: &VaultKeys,
         store: Arc<dyn SealedStore>,
     ) -> anyhow::Result<Self> {
+        Self::start_replaying_from(pki, peers, keys, store, &peers.audit_addr).await
+    }
+
+    /// As `start`, with the holdings replay reading audit at `replay_from`.
+    async fn start_replaying_from(
+        pki: &Pki,
+        peers: &Peers,
+        keys: &VaultKeys,
+        store: Arc<dyn SealedStore>,
+        replay_from: &str,
+    ) -> anyhow::Result<Self> {
         let stop = CancellationToken::new();
         let channel = |addr: &str, name: &str| {
             bulkhead_mesh::client::channel(
@@ -378,6 +390,10 @@ impl VaultProcess {
             identity: IdentityServiceClient::new(channel(&peers.identity_addr, "identity")?),
             revocations: revocations.clone(),
             reveals_per_minute: 10,
+            recover_holdings: Some(holdings::AuditReader {
+                client: AuditServiceClient::new(channel(replay_from, "audit")?),
+                actor: pki.vault.spiffe_id().to_string(),
+            }),
         });
         let bound = MeshServer::new("sealed-vault", pki.vault.clone(), pki.bundle.clone())
             .revocations(revocations.clone())
@@ -589,6 +605,122 @@ async fn replicas_on_one_postgres_share_holders_across_a_restart() -> anyhow::Re
 }
 
 // ---------------------------------------------------------------------------
+// A power cut: holdings replayed from audit
+
+/// Revokes with retries while the holdings replay is still running.
+async fn revoke_when_recovered(
+    op: &mut Vault,
+    req: pb::RevokeSecretRequest,
+) -> anyhow::Result<pb::RevokeSecretResponse> {
+    let waited = std::time::Instant::now();
+    loop {
+        match op.revoke_secret(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s)
+                if s.code() == Code::Unavailable && waited.elapsed() < Duration::from_secs(20) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+}
+
+/// Holdings commit without an fsync of their own on SQLite, so a power cut
+/// can take the newest. Here they are taken by hand from the file of a
+/// stopped sealed-vault (run-1's, the newest: run-2's stays, so the replay
+/// starts a margin before it); the restarted process replays them from audit
+/// and a hard revocation lists run-1 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holdings_a_power_cut_took_are_replayed_from_audit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("sealed.db");
+    let url = format!("sqlite://{}", path.display());
+    let pki = pki()?;
+    let peers = Peers::start(&pki).await?;
+    let keys = VaultKeys::generate();
+    let first = VaultProcess::start(&pki, &peers, &keys, store::open(&url).await?).await?;
+    let mut op = first.as_operator(&pki).await?;
+    create_profile(&mut op).await?;
+    put(&mut op, "KEY_A").await?;
+    put(&mut op, "KEY_B").await?;
+    let mut runner = first.as_runner(&pki).await?;
+    let run1 = peers.run_token(&pki, "run-1").await?;
+    let run2 = peers.run_token(&pki, "run-2").await?;
+    runner.resolve(resolve_request(&run2, &["KEY_B"])).await?;
+    runner.resolve(resolve_request(&run1, &[])).await?;
+    first.stop().await?;
+
+    let file = sqlx::SqlitePool::connect(&url).await?;
+    let gone = sqlx::query("DELETE FROM run_holdings WHERE run_id = 'run-1'")
+        .execute(&file)
+        .await?
+        .rows_affected();
+    assert_eq!(gone, 2, "run-1 held KEY_A and KEY_B");
+    file.close().await;
+
+    let restarted = VaultProcess::start(&pki, &peers, &keys, store::open(&url).await?).await?;
+    let mut op = restarted.as_operator(&pki).await?;
+    let revoked = revoke_when_recovered(&mut op, hard_revocation("KEY_A")).await?;
+    assert_eq!(revoked.affected_run_ids, ["run-1"]);
+    assert_eq!(peers.revoked_runs(&pki).await?, ["run-1"]);
+    let revoked = revoke_when_recovered(&mut op, hard_revocation("KEY_B")).await?;
+    assert_eq!(revoked.affected_run_ids, ["run-1", "run-2"]);
+    restarted.stop().await?;
+    peers.stop().await
+}
+
+/// Until the replay has read audit, RevokeSecret refuses (UNAVAILABLE,
+/// naming the holdings) rather than compute its runs from holdings that may
+/// be short; Resolve goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_wait_for_the_holdings_replay() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("sealed.db").display());
+    let pki = pki()?;
+    let peers = Peers::start(&pki).await?;
+    let keys = VaultKeys::generate();
+    // Nothing listens here: the replay cannot read audit.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let vault =
+        VaultProcess::start_replaying_from(&pki, &peers, &keys, store::open(&url).await?, &nowhere)
+            .await?;
+    let mut op = vault.as_operator(&pki).await?;
+    create_profile(&mut op).await?;
+    put(&mut op, "KEY_A").await?;
+    let run1 = peers.run_token(&pki, "run-1").await?;
+    let got = vault
+        .as_runner(&pki)
+        .await?
+        .resolve(resolve_request(&run1, &[]))
+        .await?
+        .into_inner();
+    assert_eq!(got.secrets.len(), 1);
+    let refused = op
+        .revoke_secret(hard_revocation("KEY_A"))
+        .await
+        .expect_err("the holdings are not recovered");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("holdings"), "{refused:?}");
+    // Nothing was revoked: audit has no revocation, and the key still resolves.
+    assert!(
+        peers
+            .audited(&pki, "sealed.secret.revoked")
+            .await?
+            .is_empty()
+    );
+    vault
+        .as_runner(&pki)
+        .await?
+        .resolve(resolve_request(&run1, &[]))
+        .await?;
+    vault.stop().await?;
+    peers.stop().await
+}
+
+// ---------------------------------------------------------------------------
 // Resolve against RevokeSecret
 
 /// A pause in one store call: the first call after it is armed tells the
@@ -746,6 +878,9 @@ impl SealedStore for GatedStore {
         now_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
         self.inner.runs_holding(tenant, profile, key, now_ms).await
+    }
+    async fn latest_holding_ms(&self) -> Result<Option<i64>, StoreError> {
+        self.inner.latest_holding_ms().await
     }
     async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.inner.prune_holdings(now_ms).await

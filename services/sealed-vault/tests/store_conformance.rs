@@ -785,6 +785,7 @@ async fn holdings(s: &dyn SealedStore) {
     ])
     .await
     .expect("hold");
+    assert_eq!(s.latest_holding_ms().await.expect("latest"), Some(NOW));
     assert_eq!(held(t, p, None, NOW).await, ["run-1", "run-2"]);
     assert_eq!(held(t, p, Some("KEY_A"), NOW).await, ["run-1"]);
     assert_eq!(held(t, p, Some("KEY_B"), NOW).await, ["run-1", "run-2"]);

@@ -459,8 +459,13 @@ pub trait SealedStore: Send + Sync + fmt::Debug {
     /// its own tenant); a holding already there for the same tenant, profile,
     /// key and run keeps the later times. Returns once they are committed:
     /// from then on every [`SealedStore::revoke`] of their keys lists their
-    /// runs.
+    /// runs. The commit survives a crash of the process; SQLite may lose the
+    /// newest commits to a power cut (they are not fsynced one by one), which
+    /// is why a starting sealed-vault replays recent resolutions from audit
+    /// (`crate::holdings::recover`).
     async fn record_holdings(&self, holdings: &[Holding]) -> Result<(), StoreError>;
+    /// The newest `resolved_at_ms` of any holding, if there is one.
+    async fn latest_holding_ms(&self) -> Result<Option<i64>, StoreError>;
     /// The runs holding `key` of a profile (`None`: any of its keys),
     /// unexpired at `now_ms`, sorted, each once.
     async fn runs_holding(

@@ -907,6 +907,14 @@ impl SealedStore for PgStore {
         Ok(holders(&mut conn, tenant, profile, key, now_ms).await?)
     }
 
+    async fn latest_holding_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT MAX(resolved_at_ms) FROM run_holdings")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
         Ok(
             sqlx::query("DELETE FROM run_holdings WHERE expires_at_ms <= $1")

@@ -9,9 +9,13 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{
+    ConnectOptions as _, Connection as _, QueryBuilder, Sqlite, SqliteConnection, SqlitePool,
+    Transaction,
+};
 
 use super::{
     CURRENT_SELECT, HOLDINGS_PER_STATEMENT, Holding, ImportCounts, Lift, META_SELECT,
@@ -112,6 +116,13 @@ const SCHEMA: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Holdings' own connection, with synchronous=NORMAL: their commit is
+    /// visible to every reader at once (all the race argument of
+    /// `crate::holdings` needs) and survives a crash of the process, without
+    /// an fsync of its own beside audit's on every Resolve. A power cut may
+    /// take the newest ones; audit has them durably, and a starting
+    /// sealed-vault replays them (`crate::holdings::recover`).
+    holdings: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
 }
 
 impl SqliteStore {
@@ -128,12 +139,19 @@ impl SqliteStore {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
-        Ok(Self { pool })
+        let holdings = opts
+            .synchronous(SqliteSynchronous::Normal)
+            .connect()
+            .await?;
+        Ok(Self {
+            pool,
+            holdings: Arc::new(tokio::sync::Mutex::new(Some(holdings))),
+        })
     }
 
     /// The pool, for tests that inspect or tamper with rows the way an
@@ -874,7 +892,9 @@ impl SealedStore for SqliteStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
+        let mut conn = self.holdings.lock().await;
+        let conn = conn.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in rows.chunks(HOLDINGS_PER_STATEMENT) {
             let mut qb = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO run_holdings
@@ -908,6 +928,14 @@ impl SealedStore for SqliteStore {
     ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         Ok(holders(&mut conn, tenant, profile, key, now_ms).await?)
+    }
+
+    async fn latest_holding_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT MAX(resolved_at_ms) FROM run_holdings")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn prune_holdings(&self, now_ms: i64) -> Result<u64, StoreError> {
@@ -1075,6 +1103,9 @@ impl SealedStore for SqliteStore {
     }
 
     async fn close(&self) {
+        if let Some(conn) = self.holdings.lock().await.take() {
+            let _ = conn.close().await;
+        }
         self.pool.close().await;
     }
 }
