@@ -407,6 +407,10 @@ struct Times {
     load_profile: Mutex<Vec<Duration>>,
     /// Audit's Append: request decode and handler (group commit included).
     audit_append: Mutex<Vec<Duration>>,
+    /// `record_holdings`: one batch of the holdings writer, committed.
+    holdings_commit: Mutex<Vec<Duration>>,
+    /// `list_revocations`, as Resolve's last check calls it.
+    revocations_read: Mutex<Vec<Duration>>,
 }
 
 fn push(m: &Mutex<Vec<Duration>>, d: Duration) {
@@ -422,6 +426,8 @@ impl Times {
         take(&self.resolve_handler);
         take(&self.load_profile);
         take(&self.audit_append);
+        take(&self.holdings_commit);
+        take(&self.revocations_read);
     }
 }
 
@@ -588,10 +594,16 @@ impl SealedStore for TimedStore {
         tenants: Tenants<'_>,
         query: &RevocationQuery,
     ) -> Result<Vec<SecretRevocation>, StoreError> {
-        self.inner.list_revocations(tenants, query).await
+        let t = Instant::now();
+        let r = self.inner.list_revocations(tenants, query).await;
+        push(&self.times.revocations_read, t.elapsed());
+        r
     }
     async fn record_holdings(&self, holdings: &[Holding]) -> Result<(), StoreError> {
-        self.inner.record_holdings(holdings).await
+        let t = Instant::now();
+        let r = self.inner.record_holdings(holdings).await;
+        push(&self.times.holdings_commit, t.elapsed());
+        r
     }
     async fn runs_holding(
         &self,
@@ -1060,6 +1072,8 @@ struct Inside {
     handler: Dist,
     load: Dist,
     append: Dist,
+    holdings: Dist,
+    revocations: Dist,
 }
 
 impl Inside {
@@ -1068,20 +1082,28 @@ impl Inside {
             handler: Dist::of(take(&times.resolve_handler)),
             load: Dist::of(take(&times.load_profile)),
             append: Dist::of(take(&times.audit_append)),
+            holdings: Dist::of(take(&times.holdings_commit)),
+            revocations: Dist::of(take(&times.revocations_read)),
         }
     }
 
     fn line(&self) -> String {
         format!(
             "  inside: Resolve handler p50 {} p99 {} · load_profile p50 {} p99 {} · audit Append \
-             handler p50 {} p99 {} ({} appends)",
+             handler p50 {} p99 {} ({} appends) · holdings commit p50 {} p99 {} ({} batches) · \
+             list_revocations p50 {} p99 {}",
             ms(self.handler.p50),
             ms(self.handler.p99),
             ms(self.load.p50),
             ms(self.load.p99),
             ms(self.append.p50),
             ms(self.append.p99),
-            self.append.n
+            self.append.n,
+            ms(self.holdings.p50),
+            ms(self.holdings.p99),
+            self.holdings.n,
+            ms(self.revocations.p50),
+            ms(self.revocations.p99),
         )
     }
 }

@@ -40,9 +40,9 @@
 //! durably, before its values leave: `sealed.credential.resolved` carries the
 //! run, its tenant and the `holdings` attribute ([`attribute`]). A starting
 //! sealed-vault therefore replays the resolutions it recorded since a minute
-//! before its newest surviving holding ([`recover`]), and refuses
-//! RevokeSecret until that is done, so that no revocation is computed from
-//! holdings a power cut shortened.
+//! before its newest surviving holding ([`recover`]); RevokeSecret waits for
+//! that (at most 5 s, then UNAVAILABLE), so that no revocation is computed
+//! from holdings a power cut shortened.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -272,8 +272,13 @@ impl Recovered {
         Self(watch::channel(true).1)
     }
 
-    pub fn is_done(&self) -> bool {
-        *self.0.borrow()
+    /// Waits at most `patience` for the replay; whether it is done.
+    pub async fn wait(&self, patience: Duration) -> bool {
+        let mut rx = self.0.clone();
+        matches!(
+            tokio::time::timeout(patience, rx.wait_for(|done| *done)).await,
+            Ok(Ok(_))
+        )
     }
 }
 

@@ -1376,7 +1376,7 @@ impl SealedVaultService for SealedVaultApi {
         }
         // The runs it affects are read from the holdings, which may still
         // lack what a power cut took (see `crate::holdings`).
-        if !self.inner.recovered.is_done() {
+        if !self.inner.recovered.wait(Duration::from_secs(5)).await {
             return Err(Error::unavailable(
                 "run holdings",
                 std::io::Error::other("still being recovered from audit"),

@@ -670,9 +670,9 @@ async fn holdings_a_power_cut_took_are_replayed_from_audit() -> anyhow::Result<(
     peers.stop().await
 }
 
-/// Until the replay has read audit, RevokeSecret refuses (UNAVAILABLE,
-/// naming the holdings) rather than compute its runs from holdings that may
-/// be short; Resolve goes on.
+/// Until the replay has read audit, RevokeSecret waits and then refuses
+/// (UNAVAILABLE, naming the holdings) rather than compute its runs from
+/// holdings that may be short; Resolve goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocations_wait_for_the_holdings_replay() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -7,6 +7,7 @@
 //! overwrites deleted rows with zeros, so a deleted secret's wrapped data key
 //! does not linger in free pages of the file.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -123,6 +124,64 @@ pub struct SqliteStore {
     /// take the newest ones; audit has them durably, and a starting
     /// sealed-vault replays them (`crate::holdings::recover`).
     holdings: Arc<tokio::sync::Mutex<Option<SqliteConnection>>>,
+    /// Profiles as `load_profile` last read them (ciphertexts, never
+    /// values). One process owns the file, so its own writes are all the
+    /// changes there are: each ends by emptying the cache (see
+    /// [`BundleCache`]). Saves Resolve five round trips to SQLite's thread.
+    bundles: Arc<BundleCache>,
+}
+
+/// Profiles cached at most; a full cache starts again empty.
+const BUNDLES_CACHED: usize = 4096;
+
+/// The generation, and the bundles by (tenant, profile).
+type Bundles = (u64, HashMap<(String, String), ProfileBundle>);
+
+/// The `load_profile` cache. A write empties it when it ends (committed or
+/// not) and moves its generation on; a read caches what it read only if no
+/// write ended meanwhile, so nothing read before a commit outlives it.
+#[derive(Debug, Default)]
+struct BundleCache {
+    inner: std::sync::Mutex<Bundles>,
+}
+
+impl BundleCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bundles> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The generation now, and the cached bundle if there is one.
+    fn get(&self, tenant: &str, name: &str) -> (u64, Option<ProfileBundle>) {
+        let c = self.lock();
+        (c.0, c.1.get(&(tenant.to_owned(), name.to_owned())).cloned())
+    }
+
+    fn put(&self, generation: u64, bundle: &ProfileBundle) {
+        let mut c = self.lock();
+        if c.0 != generation {
+            return;
+        }
+        if c.1.len() >= BUNDLES_CACHED {
+            c.1.clear();
+        }
+        let key = (bundle.profile.tenant.clone(), bundle.profile.name.clone());
+        c.1.insert(key, bundle.clone());
+    }
+
+    /// Held by every write; its drop empties the cache.
+    fn writing(&self) -> Writing<'_> {
+        Writing(self)
+    }
+}
+
+struct Writing<'a>(&'a BundleCache);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.lock();
+        c.0 += 1;
+        c.1.clear();
+    }
 }
 
 impl SqliteStore {
@@ -151,6 +210,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             holdings: Arc::new(tokio::sync::Mutex::new(Some(holdings))),
+            bundles: Arc::default(),
         })
     }
 
@@ -389,6 +449,7 @@ impl SealedStore for SqliteStore {
         spec: &ProfileSpec,
         now_ms: i64,
     ) -> Result<Profile, StoreError> {
+        let _writing = self.bundles.writing();
         let mut conn = self.pool.acquire().await?;
         match insert_profile(&mut conn, tenant, name, spec, 1, now_ms, now_ms).await {
             Err(StoreError::Db(e)) if is_unique_violation(&e) => Err(StoreError::ProfileExists {
@@ -416,6 +477,7 @@ impl SealedStore for SqliteStore {
         expected_revision: Option<u64>,
         now_ms: i64,
     ) -> Result<Profile, StoreError> {
+        let _writing = self.bundles.writing();
         let cols = SpecColumns::of(spec)?;
         let mut tx = self.begin_write().await?;
         let revision: Option<i64> =
@@ -539,6 +601,7 @@ impl SealedStore for SqliteStore {
     }
 
     async fn delete_profile(&self, tenant: &str, name: &str) -> Result<u64, StoreError> {
+        let _writing = self.bundles.writing();
         let mut tx = self.begin_write().await?;
         let secrets = delete_secrets_of(&mut tx, tenant, name).await?;
         let deleted = sqlx::query("DELETE FROM profiles WHERE tenant = ? AND name = ?")
@@ -575,6 +638,7 @@ impl SealedStore for SqliteStore {
     }
 
     async fn put_secret(&self, v: &SecretVersion) -> Result<SecretMeta, StoreError> {
+        let _writing = self.bundles.writing();
         let version = check_version(v)?;
         let id = &v.id;
         let mut tx = self.begin_write().await?;
@@ -684,6 +748,7 @@ impl SealedStore for SqliteStore {
         key: &str,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
+        let _writing = self.bundles.writing();
         let mut tx = self.begin_write().await?;
         let current: Option<i64> = sqlx::query_scalar(
             "SELECT version FROM secrets WHERE tenant = ? AND profile = ? AND key_name = ?",
@@ -731,6 +796,10 @@ impl SealedStore for SqliteStore {
         tenant: &str,
         name: &str,
     ) -> Result<Option<ProfileBundle>, StoreError> {
+        let (generation, cached) = self.bundles.get(tenant, name);
+        if cached.is_some() {
+            return Ok(cached);
+        }
         let mut tx = self.begin_read().await?;
         let Some(row) = profile_row(&mut tx, tenant, name).await? else {
             tx.commit().await?;
@@ -759,17 +828,20 @@ impl SealedStore for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        Ok(Some(ProfileBundle {
+        let bundle = ProfileBundle {
             profile: row.decode(meta)?,
             secrets,
             revocations: revocations
                 .into_iter()
                 .map(RawRevocation::decode)
                 .collect::<Result<_, _>>()?,
-        }))
+        };
+        self.bundles.put(generation, &bundle);
+        Ok(Some(bundle))
     }
 
     async fn revoke(&self, r: &NewRevocation) -> Result<SecretRevocation, StoreError> {
+        let _writing = self.bundles.writing();
         let mut tx = self.begin_write().await?;
         if !profile_exists(&mut tx, &r.tenant, &r.profile).await? {
             return Err(StoreError::ProfileNotFound {
@@ -816,6 +888,7 @@ impl SealedStore for SqliteStore {
         id: &str,
         lift: &Lift,
     ) -> Result<SecretRevocation, StoreError> {
+        let _writing = self.bundles.writing();
         let lifted = sqlx::query_as::<_, RawRevocation>(&format!(
             "UPDATE revocations SET lifted_by = ?, lifted_at_ms = ?, lift_reason = ?
              WHERE tenant = ? AND id = ? AND lifted_at_ms IS NULL
@@ -894,26 +967,15 @@ impl SealedStore for SqliteStore {
         }
         let mut conn = self.holdings.lock().await;
         let conn = conn.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+        // One statement commits on its own: one round trip to SQLite's
+        // thread instead of three.
+        if rows.len() <= HOLDINGS_PER_STATEMENT {
+            insert_holdings(&rows).build().execute(&mut *conn).await?;
+            return Ok(());
+        }
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in rows.chunks(HOLDINGS_PER_STATEMENT) {
-            let mut qb = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO run_holdings
-                 (tenant, profile, key_name, run_id, resolved_at_ms, expires_at_ms) ",
-            );
-            qb.push_values(chunk, |mut row, h| {
-                row.push_bind(&h.tenant)
-                    .push_bind(&h.profile)
-                    .push_bind(&h.key)
-                    .push_bind(&h.run_id)
-                    .push_bind(h.resolved_at_ms)
-                    .push_bind(h.expires_at_ms);
-            });
-            qb.push(
-                " ON CONFLICT (tenant, profile, key_name, run_id) DO UPDATE SET
-                 resolved_at_ms = MAX(resolved_at_ms, excluded.resolved_at_ms),
-                 expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms)",
-            );
-            qb.build().execute(&mut *tx).await?;
+            insert_holdings(chunk).build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -987,6 +1049,7 @@ impl SealedStore for SqliteStore {
     }
 
     async fn write_rewrapped(&self, batch: &[Rewrapped]) -> Result<u64, StoreError> {
+        let _writing = self.bundles.writing();
         let mut tx = self.begin_write().await?;
         let mut written = 0;
         for r in batch {
@@ -1046,6 +1109,7 @@ impl SealedStore for SqliteStore {
         export: &StoreExport,
         overwrite: bool,
     ) -> Result<ImportCounts, StoreError> {
+        let _writing = self.bundles.writing();
         let counts = check_export(export)?;
         let mut tx = self.begin_write().await?;
         if !overwrite {
@@ -1108,4 +1172,26 @@ impl SealedStore for SqliteStore {
         }
         self.pool.close().await;
     }
+}
+
+/// The upsert of a batch of holdings (at most `HOLDINGS_PER_STATEMENT`).
+fn insert_holdings(chunk: &[Holding]) -> QueryBuilder<'_, Sqlite> {
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO run_holdings
+                 (tenant, profile, key_name, run_id, resolved_at_ms, expires_at_ms) ",
+    );
+    qb.push_values(chunk, |mut row, h| {
+        row.push_bind(&h.tenant)
+            .push_bind(&h.profile)
+            .push_bind(&h.key)
+            .push_bind(&h.run_id)
+            .push_bind(h.resolved_at_ms)
+            .push_bind(h.expires_at_ms);
+    });
+    qb.push(
+        " ON CONFLICT (tenant, profile, key_name, run_id) DO UPDATE SET
+                 resolved_at_ms = MAX(resolved_at_ms, excluded.resolved_at_ms),
+                 expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms)",
+    );
+    qb
 }
