@@ -46,6 +46,14 @@ pub struct FleetConfig {
     pub default_weight: u32,
     /// Assignments one scope may be handed per round per unit of weight.
     pub quantum: u32,
+    /// Scheduler loops: how many scopes are served at once (each scope by
+    /// one loop at a time). More overlap the claims' store round trips.
+    #[serde(default = "default_schedulers")]
+    pub schedulers: u32,
+}
+
+fn default_schedulers() -> u32 {
+    4
 }
 
 impl Default for FleetConfig {
@@ -60,6 +68,7 @@ impl Default for FleetConfig {
             weights: BTreeMap::new(),
             default_weight: 1,
             quantum: 64,
+            schedulers: default_schedulers(),
         }
     }
 }

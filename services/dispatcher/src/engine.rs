@@ -2,10 +2,13 @@
 //! hands queued tasks to them (fair across tenants by weight), leases, and the
 //! wake-ups that tell it where work appeared.
 //!
-//! The scheduler is one loop per replica. Scopes (tenants and pools) with
-//! work and credited workers wait in a round-robin list; each turn, a scope is
-//! handed at most `weight × quantum` tasks, then goes to the back of the list
-//! if it could take more. A tenant with a backlog of 100,000 tasks therefore
+//! The scheduler is a few loops per replica (`[fleet] schedulers`). Scopes
+//! (tenants and pools) with work and credited workers wait in a round-robin
+//! list; a loop takes the first, hands it at most `weight × quantum` tasks,
+//! and puts it at the back of the list if it could take more. A scope is
+//! served by one loop at a time (its workers' credits are read and spent by
+//! that loop alone), so the loops overlap the store round trips of different
+//! scopes' claims. A tenant with a backlog of 100,000 tasks therefore
 //! waits its turn like everyone else: another tenant's first task is handed
 //! out within one round. Correctness does not rest on this loop: every claim
 //! is a conditional update in the store with the scope in its WHERE clause.
@@ -66,6 +69,10 @@ struct Conns {
 struct Rounds {
     active: VecDeque<Scope>,
     queued: HashSet<Scope>,
+    /// Scopes a loop is serving now: not handed to another loop.
+    serving: HashSet<Scope>,
+    /// Serving scopes woken meanwhile: queued again when their turn ends.
+    again: HashSet<Scope>,
 }
 
 /// The caller of a worker RPC, from its SVID.
@@ -130,7 +137,9 @@ impl Engine {
                 draining: parts.draining,
             }),
         };
-        tokio::spawn(engine.clone().schedule(stop.clone()));
+        for _ in 0..engine.inner.fleet.schedulers.max(1) {
+            tokio::spawn(engine.clone().schedule(stop.clone()));
+        }
         tokio::spawn(engine.clone().reap(stop.clone()));
         tokio::spawn(engine.clone().poll(stop.clone()));
         tokio::spawn(engine.clone().listen(stop.clone()));
@@ -238,6 +247,10 @@ impl Engine {
 
     fn activate(&self, scope: &Scope) {
         let mut rounds = lock(&self.inner.rounds);
+        if rounds.serving.contains(scope) {
+            rounds.again.insert(scope.clone());
+            return;
+        }
         if rounds.queued.insert(scope.clone()) {
             rounds.active.push_back(scope.clone());
             drop(rounds);
@@ -439,6 +452,7 @@ impl Engine {
                 let s = rounds.active.pop_front();
                 if let Some(s) = &s {
                     rounds.queued.remove(s);
+                    rounds.serving.insert(s.clone());
                 }
                 s
             };
@@ -449,9 +463,18 @@ impl Engine {
                 }
             };
             rotation = rotation.wrapping_add(1);
-            match self.serve_scope(&scope, rotation).await {
-                Ok(true) => self.activate(&scope),
-                Ok(false) => {}
+            let served = self.serve_scope(&scope, rotation).await;
+            let again = {
+                let mut rounds = lock(&self.inner.rounds);
+                rounds.serving.remove(&scope);
+                rounds.again.remove(&scope)
+            };
+            match served {
+                Ok(more) => {
+                    if more || again {
+                        self.activate(&scope);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(scope = %scope, error = %e, "claim failed; retrying the scope shortly");
                     let engine = self.clone();

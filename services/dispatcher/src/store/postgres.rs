@@ -160,12 +160,18 @@ const RELEASE: &str = concat!(
     task_columns!()
 );
 
+/// Connections for the scheduler's claims: one per scheduler loop by default.
+const CLAIM_CONNECTIONS: u32 = 4;
+
 /// The advisory lock replicas take to create the schema ("dspt").
 const SCHEMA_LOCK: i64 = 0x6473_7074;
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The scheduler's claims have connections of their own, so that they
+    /// never queue behind the Enqueue and report traffic for one.
+    claims: PgPool,
 }
 
 impl PgStore {
@@ -185,11 +191,16 @@ impl PgStore {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(Self { pool })
+        let claims = PgPoolOptions::new()
+            .max_connections(CLAIM_CONNECTIONS)
+            .connect(url)
+            .await?;
+        Ok(Self { pool, claims })
     }
 
-    /// Closes the pool's connections.
+    /// Closes the pools' connections.
     pub async fn close(&self) {
+        self.claims.close().await;
         self.pool.close().await;
     }
 }
@@ -615,7 +626,7 @@ impl DispatchStore for PgStore {
         .bind(&a.pool)
         .bind(&a.worker_labels)
         .bind(a.max)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.claims)
         .await?;
         in_claim_order(rows)
     }
