@@ -49,9 +49,10 @@ struct Conn {
     labels: Labels,
     max_runs: u32,
     credits: u32,
-    /// Its last claim found nothing that matches it; skipped until the next
-    /// wake-up of its scope.
-    starved: bool,
+    /// Its last claim found nothing that matches it as of this wake-up of
+    /// its scope (see `Conns::wakes`); skipped until the next one. Credits
+    /// coming back do not change that: only a wake-up puts tasks in a queue.
+    starved: Option<u64>,
     draining: bool,
     /// Leases listed in its last heartbeat.
     held: u32,
@@ -62,7 +63,23 @@ struct Conn {
 struct Conns {
     by_worker: HashMap<String, Conn>,
     by_scope: HashMap<Scope, HashSet<String>>,
+    /// Wake-ups of each scope so far. A claim that comes back short marks
+    /// its worker starved as of the count read before the claim, so a task
+    /// enqueued while the claim ran (its wake-up counted) is not lost.
+    wakes: HashMap<Scope, u64>,
     next_generation: u64,
+}
+
+impl Conns {
+    fn wakes_of(&self, scope: &Scope) -> u64 {
+        self.wakes.get(scope).copied().unwrap_or(0)
+    }
+
+    /// Whether a worker's last claim found nothing since its scope's last
+    /// wake-up.
+    fn is_starved(&self, c: &Conn) -> bool {
+        c.starved == Some(self.wakes_of(&c.scope))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -226,19 +243,14 @@ impl Engine {
     pub fn wake_local(&self, scope: &Scope) {
         let ready = {
             let mut conns = lock(&self.inner.conns);
-            let Conns {
-                by_worker,
-                by_scope,
-                ..
-            } = &mut *conns;
-            let mut ready = false;
-            for id in by_scope.get(scope).into_iter().flatten() {
-                if let Some(c) = by_worker.get_mut(id) {
-                    c.starved = false;
-                    ready |= c.credits > 0 && !c.draining;
-                }
-            }
-            ready
+            *conns.wakes.entry(scope.clone()).or_insert(0) += 1;
+            conns
+                .by_scope
+                .get(scope)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| conns.by_worker.get(id))
+                .any(|c| c.credits > 0 && !c.draining)
         };
         if ready {
             self.activate(scope);
@@ -310,7 +322,7 @@ impl Engine {
                 labels,
                 max_runs,
                 credits: 0,
-                starved: false,
+                starved: None,
                 draining: self.inner.draining.is_cancelled(),
                 held: 0,
                 tx,
@@ -355,7 +367,7 @@ impl Engine {
             c.labels = labels.clone();
             c.max_runs = max_runs;
             c.credits = c.credits.min(max_runs);
-            c.starved = false;
+            c.starved = None;
         }
     }
 
@@ -367,8 +379,8 @@ impl Engine {
                 return;
             };
             c.credits = c.credits.saturating_add(slots).min(c.max_runs);
-            c.starved = false;
-            (c.credits > 0 && !c.draining).then(|| c.scope.clone())
+            let c = &conns.by_worker[worker_id];
+            (c.credits > 0 && !c.draining && !conns.is_starved(c)).then(|| c.scope.clone())
         };
         if let Some(scope) = scope {
             self.activate(&scope);
@@ -496,19 +508,20 @@ impl Engine {
     ) -> Result<bool, crate::store::StoreError> {
         let weight = self.weight(scope);
         let mut budget = weight.saturating_mul(self.inner.fleet.quantum).max(1);
-        let mut candidates: Vec<(String, Labels, u32)> = {
+        let (wakes, mut candidates): (u64, Vec<(String, Labels, u32)>) = {
             let conns = lock(&self.inner.conns);
-            conns
+            let candidates = conns
                 .by_scope
                 .get(scope)
                 .into_iter()
                 .flatten()
                 .filter_map(|id| {
                     let c = conns.by_worker.get(id)?;
-                    (c.credits > 0 && !c.starved && !c.draining)
+                    (c.credits > 0 && !conns.is_starved(c) && !c.draining)
                         .then(|| (id.clone(), c.labels.clone(), c.credits))
                 })
-                .collect()
+                .collect();
+            (conns.wakes_of(scope), candidates)
         };
         if candidates.is_empty() {
             return Ok(false);
@@ -535,7 +548,7 @@ impl Engine {
                 .any(|e| crate::model::labels_match(&labels, e))
             {
                 if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(&worker_id) {
-                    c.starved = true;
+                    c.starved = Some(wakes);
                 }
                 continue;
             }
@@ -560,7 +573,7 @@ impl Engine {
                 if let Some(c) = conns.by_worker.get_mut(&worker_id) {
                     c.credits = c.credits.saturating_sub(got);
                     if got < want {
-                        c.starved = true;
+                        c.starved = Some(wakes);
                     } else if c.credits > 0 {
                         more = true;
                     }
