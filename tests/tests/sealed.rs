@@ -2043,6 +2043,95 @@ async fn resolve_refuses_a_named_key_the_cascade_lacks() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A resolution's audit record names every key it returned, however many:
+/// 80 keys overflow one attribute value (1,024 bytes), so the names go on in
+/// `keys.1`, `keys.2`, … and the holdings likewise; a resolution too big for
+/// one record is refused by name rather than by audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_of_many_keys_is_recorded_whole() -> anyhow::Result<()> {
+    let mesh = TestMesh::start().await?;
+    let mut op = sealed_as(&mesh, OPERATOR)?;
+    let mut runner = sealed_as(&mesh, RUNNER)?;
+    create_profile(&mut op, "acme", "wide", &[]).await?;
+    let keys: Vec<String> = (0..80)
+        .map(|i| format!("SERVICE_TOKEN_NUMBER_{i:03}"))
+        .collect();
+    for k in &keys {
+        put_value(&mut op, "acme", "wide", k, &random_hex()).await?;
+    }
+    let run = start_run(&mesh, "acme", "run-wide").await?;
+    let got = resolve(
+        &mut runner,
+        resolve_request(&run, "acme", system("acme", "wide")),
+    )
+    .await?;
+    assert_eq!(got.secrets.len(), 80);
+    let event = AuditLog::new(&mesh)?.at(got.audit_sequence).await?;
+    let joined = |name: &str| -> Vec<String> {
+        let mut parts: Vec<(usize, &String)> = event
+            .attributes
+            .iter()
+            .filter_map(|(k, v)| {
+                if k == name {
+                    Some((0, v))
+                } else {
+                    k.strip_prefix(&format!("{name}."))?
+                        .parse()
+                        .ok()
+                        .map(|i| (i, v))
+                }
+            })
+            .collect();
+        parts.sort();
+        parts
+            .iter()
+            .flat_map(|(_, v)| v.split(','))
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        event.attributes.contains_key("keys.1"),
+        "{:?}",
+        event.attributes.keys()
+    );
+    assert!(event.attributes.values().all(|v| v.len() <= 1024));
+    let named: Vec<String> = joined("keys")
+        .iter()
+        .map(|k| k.split('@').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(named, keys, "every key returned is named, in order");
+    let held: usize = joined("holdings")
+        .iter()
+        .map(|group| {
+            group
+                .split_once(':')
+                .map_or(0, |(_, ks)| ks.split('+').count())
+        })
+        .sum();
+    assert_eq!(held, 80);
+
+    // 110 keys of 128 bytes cannot be named in one record (37 attributes
+    // of the 32 audit takes): refused, by name.
+    create_profile(&mut op, "acme", "too-wide", &[]).await?;
+    for i in 0..110 {
+        let key = format!("K{i:03}_{}", "X".repeat(123));
+        put_value(&mut op, "acme", "too-wide", &key, &random_hex()).await?;
+    }
+    let r = resolve(
+        &mut runner,
+        resolve_request(&run, "acme", system("acme", "too-wide")),
+    )
+    .await;
+    let s = refused(
+        r.map(|r| r.secrets.len()),
+        Code::FailedPrecondition,
+        "a resolution too big for one audit record",
+    );
+    assert!(s.message().contains("fewer keys"), "{s:?}");
+    Ok(())
+}
+
 /// Every secret event is recorded before it takes effect — and a refused
 /// action must not stay in the log as one that happened. Each refusal below
 /// is decided by the store after the service has already appended a SUCCESS

@@ -64,6 +64,40 @@ pub const POLICY: Policy = Policy {
 
 /// Largest secret value, in bytes.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Attributes audit takes on one event, and bytes in one value.
+const AUDIT_MAX_ATTRIBUTES: usize = 32;
+const AUDIT_MAX_VALUE: usize = 1024;
+
+/// A comma-separated list as audit attributes of at most 1,024 bytes each:
+/// `name`, then `name.1`, `name.2`, … when it is longer (an item is never
+/// cut). Nothing when the list is empty but `name` itself, empty.
+fn split_attribute(name: &str, items: &[String]) -> Vec<(String, String)> {
+    let mut values = vec![String::new()];
+    for item in items {
+        let current = values.last_mut().expect("never empty");
+        if !current.is_empty() && current.len() + 1 + item.len() > AUDIT_MAX_VALUE {
+            values.push(item.clone());
+        } else {
+            if !current.is_empty() {
+                current.push(',');
+            }
+            current.push_str(item);
+        }
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let key = if i == 0 {
+                name.to_owned()
+            } else {
+                format!("{name}.{i}")
+            };
+            (key, v)
+        })
+        .collect()
+}
+
 /// How often the JWT bundle is refreshed from identity.
 const BUNDLE_REFRESH: Duration = Duration::from_secs(30);
 
@@ -821,18 +855,31 @@ impl SealedVaultApi {
             run_id,
             Outcome::Success,
             [
-                ("keys", attrs_keys.join(",")),
-                ("backend_request_ids", attrs_request_ids.join(",")),
                 ("caller", caller.id.to_string()),
                 ("agent", r.agent.clone()),
             ],
         );
+        resolved
+            .attributes
+            .extend(split_attribute("keys", &attrs_keys));
+        resolved
+            .attributes
+            .extend(split_attribute("backend_request_ids", &attrs_request_ids));
         resolved.attributes.extend(holdings::attribute(
             chosen
                 .iter()
                 .filter(|e| e.is_secret() && !e.profile.is_empty())
                 .map(|e| (e.profile.as_str(), e.key.as_str())),
         ));
+        // Audit takes at most 32 attributes per event: a resolution too big
+        // to be recorded in one is refused by name, not left to fail there.
+        if resolved.attributes.len() > AUDIT_MAX_ATTRIBUTES {
+            return Err(Error::FailedPrecondition(format!(
+                "the resolution names more keys than one audit record holds ({} keys): ask for fewer keys",
+                attrs_keys.len()
+            ))
+            .into());
+        }
         let seq = self.audit(resolved).await?;
         Ok(pb::ResolveResponse {
             secrets,
