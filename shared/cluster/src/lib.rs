@@ -189,9 +189,20 @@ pub fn find_executable(file: &str, bin_dir: Option<&Path>) -> Result<PathBuf, Cl
 /// A free loopback port (bound then released; the window for a race is tiny
 /// and a lost race shows as a failed start with the log's reason).
 pub fn free_port() -> Result<u16, ClusterError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io(Path::new("127.0.0.1:0")))?;
-    let port = l.local_addr().map_err(io(Path::new("127.0.0.1:0")))?.port();
-    Ok(port)
+    Ok(free_ports(1)?[0])
+}
+
+/// `n` distinct free loopback ports. Each is held until all are chosen: a
+/// port released at once may be handed out again by the next bind, and two
+/// services of one mesh given the same port made one of them fail to start
+/// while the other answered in its name.
+pub fn free_ports(n: usize) -> Result<Vec<u16>, ClusterError> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(io(Path::new("127.0.0.1:0"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    held.iter()
+        .map(|l| Ok(l.local_addr().map_err(io(Path::new("127.0.0.1:0")))?.port()))
+        .collect()
 }
 
 /// Makes the PKI in `<dir>/pki` if it is missing.
@@ -302,9 +313,12 @@ impl LocalMesh {
         }
         let pki = ensure_pki(dir, &spec.trust_domain, &spec.operator)?;
 
+        // One port per service and one for the Audit view, all distinct.
+        let mut ports = free_ports(SERVICES.len() + 1)?;
+        let view_port = ports.pop().unwrap_or_default();
         let mut addrs = BTreeMap::new();
-        for s in SERVICES {
-            addrs.insert((*s).to_owned(), format!("127.0.0.1:{}", free_port()?));
+        for (s, port) in SERVICES.iter().zip(ports) {
+            addrs.insert((*s).to_owned(), format!("127.0.0.1:{port}"));
         }
         let peers = Peers {
             identity: addrs.get("identity").cloned(),
@@ -316,7 +330,7 @@ impl LocalMesh {
         // The Audit view: a free port and a fresh operator token kept in a
         // 0600 file (never in the config or on a command line).
         let (view_url, view_token_file, view) = if spec.audit_view {
-            let port = free_port()?;
+            let port = view_port;
             let token: String = (0..32)
                 .map(|_| format!("{:02x}", rand::random::<u8>()))
                 .collect();
@@ -476,7 +490,8 @@ impl LocalMesh {
         let start = Instant::now();
         let mut last = String::from("no answer");
         while start.elapsed() < HEALTH_DEADLINE {
-            match health(&p.addr, &self.operator, &self.bundle).await {
+            let expect = ExpectServer::Service(p.name.clone());
+            match health_expecting(&p.addr, &self.operator, &self.bundle, expect).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => last = "not serving".into(),
                 Err(e) => last = e,
@@ -501,16 +516,22 @@ impl LocalMesh {
 
 /// Asks a service's gRPC health as `identity`; `Ok(true)` when SERVING.
 pub async fn health(addr: &str, identity: &Identity, bundle: &TrustBundle) -> Result<bool, String> {
+    health_expecting(addr, identity, bundle, ExpectServer::AnyInTrustDomain).await
+}
+
+/// As [`health`], answered only by `expect`: another service on the same
+/// address (a port taken twice) is an error, not its health.
+pub async fn health_expecting(
+    addr: &str,
+    identity: &Identity,
+    bundle: &TrustBundle,
+    expect: ExpectServer,
+) -> Result<bool, String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let ch = bulkhead_mesh::client::connect(
-        addr,
-        Some(identity),
-        bundle,
-        ExpectServer::AnyInTrustDomain,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let ch = bulkhead_mesh::client::connect(addr, Some(identity), bundle, expect)
+        .await
+        .map_err(|e| e.to_string())?;
     let resp = HealthClient::new(ch)
         .check(HealthCheckRequest {
             service: String::new(),
