@@ -10,7 +10,7 @@
 //! read-then-update below atomic. Reads use a small pool of read-only
 //! connections.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -179,6 +179,52 @@ trait QueuedWrite: Send {
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool>;
     /// Hands the result over; `failed`: the group did not commit.
     fn reply(self: Box<Self>, failed: Option<&sqlx::Error>);
+    /// A new task without an idempotency key: the group inserts all of
+    /// these in one multi-row statement (see `insert_batch`).
+    fn plain_insert(&self) -> Option<(&TaskRow, &EncodedTask)> {
+        None
+    }
+    /// The `seq` the batch gave this insert.
+    fn inserted(&mut self, _seq: i64) {}
+}
+
+/// An Enqueue's insert of a task without an idempotency key.
+struct PendingInsert {
+    task: TaskRow,
+    encoded: EncodedTask,
+    result: Option<Result<Inserted, StoreError>>,
+    reply: oneshot::Sender<Result<Inserted, StoreError>>,
+}
+
+impl QueuedWrite for PendingInsert {
+    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
+        Box::pin(async move {
+            let result = insert_task(conn, &self.task, &self.encoded, 0).await;
+            let ok = result.is_ok();
+            self.result = Some(result);
+            ok
+        })
+    }
+
+    fn reply(self: Box<Self>, failed: Option<&sqlx::Error>) {
+        let result = match (failed, self.result) {
+            (None, Some(result)) => result,
+            (Some(e), _) => Err(group_failed(e)),
+            (None, None) => Err(StoreError::Db(sqlx::Error::WorkerCrashed)),
+        };
+        let _ = self.reply.send(result);
+    }
+
+    fn plain_insert(&self) -> Option<(&TaskRow, &EncodedTask)> {
+        Some((&self.task, &self.encoded))
+    }
+
+    fn inserted(&mut self, seq: i64) {
+        self.result = Some(Ok(Inserted::New(TaskRow {
+            seq,
+            ..self.task.clone()
+        })));
+    }
 }
 
 struct Pending<A, T, F> {
@@ -326,7 +372,16 @@ async fn run_in_transaction(
 ) -> Result<bool, sqlx::Error> {
     let ran = async {
         exec(conn, "BEGIN IMMEDIATE").await?;
+        // Without savepoints, the group's plain inserts go first, together.
+        let batched =
+            !savepoints && group.iter().filter(|w| w.plain_insert().is_some()).count() > 1;
+        if batched && !insert_batch(conn, group).await? {
+            return Ok(false);
+        }
         for write in group.iter_mut() {
+            if batched && write.plain_insert().is_some() {
+                continue;
+            }
             if savepoints {
                 exec(conn, "SAVEPOINT write").await?;
             }
@@ -349,6 +404,85 @@ async fn run_in_transaction(
         let _ = exec(conn, "ROLLBACK").await;
     }
     ran
+}
+
+/// Inserts every plain insert of the group in one statement and hands each
+/// its `seq`. `Ok(false)`: the statement failed (the group then runs again,
+/// each write on its own in a savepoint). The writes of a group are
+/// concurrent, so inserting them first orders nothing any caller relied on.
+async fn insert_batch(
+    conn: &mut SqliteConnection,
+    group: &mut [Box<dyn QueuedWrite>],
+) -> Result<bool, sqlx::Error> {
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO tasks (task_id, tenant, pool, agent, agent_version, labels, cascade, \
+          secret_keys, payload, priority, idempotency_key, request_hash, status, status_reason, \
+          attempt, max_attempts, lease_epoch, worker_id, run_id, lease_expires_at_ms, \
+          deadline_at_ms, timeout_ms, outcome, exit_code, output_summary, created_at_ms, \
+          updated_at_ms, finished_at_ms) ",
+    );
+    qb.push_values(
+        group.iter().filter_map(|w| w.plain_insert()),
+        |mut row, (t, e)| {
+            let (tenant, pool) = t.scope.columns();
+            row.push_bind(t.task_id.clone())
+                .push_bind(tenant.to_owned())
+                .push_bind(pool.to_owned())
+                .push_bind(t.agent.clone())
+                .push_bind(t.agent_version.clone())
+                .push_bind(e.labels.clone())
+                .push_bind(t.cascade.clone())
+                .push_bind(e.secret_keys.clone())
+                .push_bind(t.payload.clone())
+                .push_bind(i64::from(t.priority))
+                .push_bind(t.idempotency_key.clone())
+                .push_bind(t.request_hash.clone())
+                .push_bind(t.status.as_str())
+                .push_bind(t.status_reason.clone())
+                .push_bind(i64::from(t.attempt))
+                .push_bind(i64::from(t.max_attempts))
+                .push_bind(e.lease_epoch)
+                .push_bind(t.worker_id.clone())
+                .push_bind(t.run_id.clone())
+                .push_bind(t.lease_expires_at_ms)
+                .push_bind(t.deadline_at_ms)
+                .push_bind(t.timeout_ms)
+                .push_bind(t.outcome as i64)
+                .push_bind(i64::from(t.exit_code))
+                .push_bind(t.output_summary.clone())
+                .push_bind(t.created_at_ms)
+                .push_bind(t.updated_at_ms)
+                .push_bind(t.finished_at_ms);
+        },
+    );
+    qb.push(" RETURNING task_id, seq");
+    let rows: Vec<(String, i64)> = match qb.build_query_as().fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(error = %e, "a batched insert failed; the group runs again write by write");
+            return Ok(false);
+        }
+    };
+    let seqs: HashMap<String, i64> = rows.into_iter().collect();
+    let expected = group.iter().filter(|w| w.plain_insert().is_some()).count();
+    if seqs.len() != expected {
+        tracing::warn!(
+            inserted = seqs.len(),
+            expected,
+            "a batched insert returned the wrong rows; the group runs again write by write"
+        );
+        return Ok(false);
+    }
+    for write in group.iter_mut() {
+        let Some(seq) = write
+            .plain_insert()
+            .and_then(|(t, _)| seqs.get(&t.task_id).copied())
+        else {
+            continue;
+        };
+        write.inserted(seq);
+    }
+    Ok(true)
 }
 
 async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
@@ -639,6 +773,22 @@ impl DispatchStore for SqliteStore {
         task: &TaskRow,
         dedup_since_ms: i64,
     ) -> Result<Inserted, StoreError> {
+        if task.idempotency_key.is_empty() {
+            let (reply, replied) = oneshot::channel();
+            let pending = PendingInsert {
+                task: task.clone(),
+                encoded: EncodedTask::of(task)?,
+                result: None,
+                reply,
+            };
+            self.writes
+                .send(Box::new(pending))
+                .await
+                .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
+            return replied
+                .await
+                .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
+        }
         let args = (task.clone(), EncodedTask::of(task)?, dedup_since_ms);
         self.write(args, |c, (t, e, since)| {
             Box::pin(insert_task(c, t, e, *since))
