@@ -226,16 +226,21 @@ pub fn attribute<'a>(held: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<
     if !current.is_empty() {
         values.push(current);
     }
+    numbered("holdings", values)
+}
+
+/// The values of one long attribute, named `name`, `name.1`, `name.2`, ….
+pub fn numbered(name: &str, values: Vec<String>) -> Vec<(String, String)> {
     values
         .into_iter()
         .enumerate()
         .map(|(i, v)| {
-            let name = if i == 0 {
-                "holdings".to_owned()
+            let key = if i == 0 {
+                name.to_owned()
             } else {
-                format!("holdings.{i}")
+                format!("{name}.{i}")
             };
-            (name, v)
+            (key, v)
         })
         .collect()
 }

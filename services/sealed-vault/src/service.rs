@@ -84,18 +84,7 @@ fn split_attribute(name: &str, items: &[String]) -> Vec<(String, String)> {
             current.push_str(item);
         }
     }
-    values
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let key = if i == 0 {
-                name.to_owned()
-            } else {
-                format!("{name}.{i}")
-            };
-            (key, v)
-        })
-        .collect()
+    holdings::numbered(name, values)
 }
 
 /// How often the JWT bundle is refreshed from identity.

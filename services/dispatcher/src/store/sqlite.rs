@@ -188,6 +188,21 @@ trait QueuedWrite: Send {
     fn inserted(&mut self, _seq: i64) {}
 }
 
+/// Sends a queued write its result: its own if its group committed, else
+/// the group's failure.
+fn answer<T>(
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    result: Option<Result<T, StoreError>>,
+    failed: Option<&sqlx::Error>,
+) {
+    let result = match (failed, result) {
+        (None, Some(result)) => result,
+        (Some(e), _) => Err(group_failed(e)),
+        (None, None) => Err(StoreError::Db(sqlx::Error::WorkerCrashed)),
+    };
+    let _ = reply.send(result);
+}
+
 /// An Enqueue's insert of a task without an idempotency key.
 struct PendingInsert {
     task: TaskRow,
@@ -199,20 +214,13 @@ struct PendingInsert {
 impl QueuedWrite for PendingInsert {
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
         Box::pin(async move {
-            let result = insert_task(conn, &self.task, &self.encoded, 0).await;
-            let ok = result.is_ok();
-            self.result = Some(result);
-            ok
+            self.result = Some(insert_task(conn, &self.task, &self.encoded, 0).await);
+            self.result.as_ref().is_some_and(Result::is_ok)
         })
     }
 
     fn reply(self: Box<Self>, failed: Option<&sqlx::Error>) {
-        let result = match (failed, self.result) {
-            (None, Some(result)) => result,
-            (Some(e), _) => Err(group_failed(e)),
-            (None, None) => Err(StoreError::Db(sqlx::Error::WorkerCrashed)),
-        };
-        let _ = self.reply.send(result);
+        answer(self.reply, self.result, failed);
     }
 
     fn plain_insert(&self) -> Option<(&TaskRow, &EncodedTask)> {
@@ -250,12 +258,7 @@ where
     }
 
     fn reply(self: Box<Self>, failed: Option<&sqlx::Error>) {
-        let result = match (failed, self.result) {
-            (None, Some(result)) => result,
-            (Some(e), _) => Err(group_failed(e)),
-            (None, None) => Err(StoreError::Db(sqlx::Error::WorkerCrashed)),
-        };
-        let _ = self.reply.send(result);
+        answer(self.reply, self.result, failed);
     }
 }
 
@@ -309,8 +312,17 @@ impl SqliteStore {
             result: None,
             reply,
         };
+        self.queue(Box::new(pending), replied).await
+    }
+
+    /// Hands a write to the writer and waits for its group's commit.
+    async fn queue<T>(
+        &self,
+        write: Box<dyn QueuedWrite>,
+        replied: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.writes
-            .send(Box::new(pending))
+            .send(write)
             .await
             .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
         replied
@@ -781,13 +793,7 @@ impl DispatchStore for SqliteStore {
                 result: None,
                 reply,
             };
-            self.writes
-                .send(Box::new(pending))
-                .await
-                .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
-            return replied
-                .await
-                .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
+            return self.queue(Box::new(pending), replied).await;
         }
         let args = (task.clone(), EncodedTask::of(task)?, dedup_since_ms);
         self.write(args, |c, (t, e, since)| {
