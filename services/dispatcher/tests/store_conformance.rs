@@ -146,6 +146,7 @@ conformance!(
     claim_race,
     corrupt_rows,
     concurrent_inserts,
+    concurrent_finishes,
 );
 
 // ---- fixtures ---------------------------------------------------------------
@@ -580,6 +581,102 @@ async fn workers(h: Harness) {
 }
 
 // ---- tasks ------------------------------------------------------------------
+
+/// Many reports at once (which SQLite applies as one statement per group
+/// commit): each gets the answer it would get alone. Good reports apply
+/// (succeeded, or queued again after an error); a report repeated at once
+/// applies once and is a repeat the other time; a stale epoch, another
+/// worker's report and an unknown task change nothing.
+async fn concurrent_finishes(h: Harness) {
+    let s = &h.store;
+    let scope = tenant("acme");
+    for i in 0..60 {
+        put(s.as_ref(), task(&format!("rep-{i:02}"), &scope)).await;
+    }
+    let mut claimed = claim(s.as_ref(), &scope, "w1", 60).await;
+    claimed.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+    assert_eq!(claimed.len(), 60);
+    let finish = |task_id: String, worker: String, epoch: u64, outcome: Outcome| {
+        let s = Arc::clone(s);
+        tokio::spawn(async move {
+            let r = s
+                .finish(&Finish {
+                    task_id: &task_id,
+                    worker_id: &worker,
+                    lease_epoch: epoch,
+                    outcome,
+                    exit_code: 0,
+                    output_summary: "ok",
+                    now_ms: NOW + 10,
+                })
+                .await
+                .expect("finish");
+            (task_id, r)
+        })
+    };
+    let mut calls = Vec::new();
+    for (i, t) in claimed.iter().enumerate() {
+        let (worker, epoch, outcome) = match i {
+            0..40 => (t.worker_id.clone(), t.lease_epoch, Outcome::Succeeded),
+            40..50 => (t.worker_id.clone(), t.lease_epoch, Outcome::Error),
+            50..55 => (t.worker_id.clone(), t.lease_epoch + 1, Outcome::Succeeded),
+            _ => ("w2".to_owned(), t.lease_epoch, Outcome::Succeeded),
+        };
+        calls.push(finish(t.task_id.clone(), worker, epoch, outcome));
+    }
+    for t in &claimed[..5] {
+        calls.push(finish(
+            t.task_id.clone(),
+            t.worker_id.clone(),
+            t.lease_epoch,
+            Outcome::Succeeded,
+        ));
+    }
+    for i in 0..3 {
+        calls.push(finish(
+            format!("no-such-{i}"),
+            "w1".into(),
+            1,
+            Outcome::Succeeded,
+        ));
+    }
+    let mut applied = BTreeMap::new();
+    let mut repeats = Vec::new();
+    let mut stale = Vec::new();
+    let mut unknown = 0;
+    for c in calls {
+        let (id, r) = c.await.expect("join");
+        match r {
+            Finished::Applied(t) => {
+                assert!(applied.insert(id, t).is_none(), "a task applied twice");
+            }
+            Finished::Repeat(t) => repeats.push(t.task_id),
+            Finished::Stale(t) => stale.push(t.task_id),
+            Finished::Unknown => unknown += 1,
+        }
+    }
+    assert_eq!(applied.len(), 50);
+    repeats.sort();
+    assert_eq!(repeats, ids(&claimed[..5]));
+    stale.sort();
+    assert_eq!(stale, ids(&claimed[50..]));
+    assert_eq!(unknown, 3);
+    for (i, t) in claimed.iter().enumerate() {
+        let now = get(s.as_ref(), &t.task_id).await;
+        let want = match i {
+            0..40 => TaskStatus::Succeeded,
+            40..50 => TaskStatus::Queued,
+            _ => TaskStatus::Assigned,
+        };
+        assert_eq!(now.status, want, "{}", t.task_id);
+        if i < 50 {
+            assert_eq!(
+                applied[&t.task_id], now,
+                "the applied row is the stored one"
+            );
+        }
+    }
+}
 
 /// Many Enqueues at once (which SQLite inserts as one multi-row statement
 /// per group commit): each task is inserted whole with a seq of its own. In

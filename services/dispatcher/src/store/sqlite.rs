@@ -186,6 +186,41 @@ trait QueuedWrite: Send {
     }
     /// The `seq` the batch gave this insert.
     fn inserted(&mut self, _seq: i64) {}
+    /// A report: the group applies all of these in one statement (see
+    /// `finish_batch`).
+    fn plain_finish(&self) -> Option<&FinishArgs> {
+        None
+    }
+    /// What the batch made of this report.
+    fn finished(&mut self, _result: Result<Finished, StoreError>) {}
+}
+
+/// A worker's report.
+struct PendingFinish {
+    args: FinishArgs,
+    result: Option<Result<Finished, StoreError>>,
+    reply: oneshot::Sender<Result<Finished, StoreError>>,
+}
+
+impl QueuedWrite for PendingFinish {
+    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
+        Box::pin(async move {
+            self.result = Some(finish_one(conn, &self.args).await);
+            self.result.as_ref().is_some_and(Result::is_ok)
+        })
+    }
+
+    fn reply(self: Box<Self>, failed: Option<&sqlx::Error>) {
+        answer(self.reply, self.result, failed);
+    }
+
+    fn plain_finish(&self) -> Option<&FinishArgs> {
+        Some(&self.args)
+    }
+
+    fn finished(&mut self, result: Result<Finished, StoreError>) {
+        self.result = Some(result);
+    }
 }
 
 /// Sends a queued write its result: its own if its group committed, else
@@ -390,8 +425,15 @@ async fn run_in_transaction(
         if batched && !insert_batch(conn, group).await? {
             return Ok(false);
         }
+        let finishes =
+            !savepoints && group.iter().filter(|w| w.plain_finish().is_some()).count() > 1;
+        if finishes && !finish_batch(conn, group).await? {
+            return Ok(false);
+        }
         for write in group.iter_mut() {
-            if batched && write.plain_insert().is_some() {
+            if (batched && write.plain_insert().is_some())
+                || (finishes && write.plain_finish().is_some())
+            {
                 continue;
             }
             if savepoints {
@@ -493,6 +535,134 @@ async fn insert_batch(
             continue;
         };
         write.inserted(seq);
+    }
+    Ok(true)
+}
+
+/// One report, applied alone: the conditional update, else why not.
+async fn finish_one(c: &mut SqliteConnection, r: &FinishArgs) -> Result<Finished, StoreError> {
+    let plan = FinishPlan::of(r.outcome);
+    let applied = sqlx::query_as::<_, RawTask>(concat!(
+        "UPDATE tasks SET \
+              status = CASE WHEN ?1 AND attempt < max_attempts THEN 'queued' ELSE ?2 END, \
+              status_reason = CASE WHEN ?1 AND attempt >= max_attempts \
+               THEN 'attempts exhausted' ELSE '' END, \
+              finished_at_ms = CASE WHEN ?1 AND attempt < max_attempts \
+               THEN NULL ELSE ?3 END, \
+              outcome = ?4, exit_code = ?5, output_summary = ?6, \
+              lease_expires_at_ms = NULL, deadline_at_ms = NULL, updated_at_ms = ?3 \
+             WHERE task_id = ?7 AND lease_epoch = ?8 AND worker_id = ?9 \
+              AND status IN ('assigned', 'running') RETURNING ",
+        task_columns!()
+    ))
+    .bind(plan.retry)
+    .bind(plan.status)
+    .bind(r.now_ms)
+    .bind(r.outcome as i64)
+    .bind(i64::from(r.exit_code))
+    .bind(&r.output_summary)
+    .bind(&r.task_id)
+    .bind(epoch_param(r.lease_epoch))
+    .bind(&r.worker_id)
+    .fetch_optional(&mut *c)
+    .await?;
+    if let Some(row) = applied {
+        return Ok(Finished::Applied(row.decode()?));
+    }
+    let current = sqlx::query_as::<_, RawTask>(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE task_id = ?1"
+    ))
+    .bind(&r.task_id)
+    .fetch_optional(c)
+    .await?;
+    not_finished(current, r)
+}
+
+/// Why a report the batched update did not apply was not applied.
+async fn not_applied(c: &mut SqliteConnection, r: &FinishArgs) -> Result<Finished, StoreError> {
+    let current = sqlx::query_as::<_, RawTask>(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE task_id = ?1"
+    ))
+    .bind(&r.task_id)
+    .fetch_optional(c)
+    .await?;
+    not_finished(current, r)
+}
+
+/// Applies every plain report of the group in one statement; those it did not
+/// apply (stale, repeated, unknown) are then told why one by one. `Ok(false)`:
+/// a statement failed (the group then runs again write by write).
+async fn finish_batch(
+    conn: &mut SqliteConnection,
+    group: &mut [Box<dyn QueuedWrite>],
+) -> Result<bool, sqlx::Error> {
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "WITH f (f_task, f_epoch, f_worker, f_retry, f_status, f_now, f_outcome, f_exit, \
+          f_summary) AS (",
+    );
+    qb.push_values(
+        group.iter().filter_map(|w| w.plain_finish()),
+        |mut row, r| {
+            let plan = FinishPlan::of(r.outcome);
+            row.push_bind(r.task_id.clone())
+                .push_bind(epoch_param(r.lease_epoch))
+                .push_bind(r.worker_id.clone())
+                .push_bind(plan.retry)
+                .push_bind(plan.status)
+                .push_bind(r.now_ms)
+                .push_bind(r.outcome as i64)
+                .push_bind(i64::from(r.exit_code))
+                .push_bind(r.output_summary.clone());
+        },
+    );
+    qb.push(concat!(
+        ") UPDATE tasks SET \
+          status = CASE WHEN f_retry AND attempt < max_attempts THEN 'queued' ELSE f_status END, \
+          status_reason = CASE WHEN f_retry AND attempt >= max_attempts \
+           THEN 'attempts exhausted' ELSE '' END, \
+          finished_at_ms = CASE WHEN f_retry AND attempt < max_attempts THEN NULL ELSE f_now END, \
+          outcome = f_outcome, exit_code = f_exit, output_summary = f_summary, \
+          lease_expires_at_ms = NULL, deadline_at_ms = NULL, updated_at_ms = f_now \
+         FROM f WHERE task_id = f_task AND lease_epoch = f_epoch AND worker_id = f_worker \
+          AND status IN ('assigned', 'running') RETURNING ",
+        task_columns!()
+    ));
+    // The VALUES list is the CTE's body: push_values wrote "VALUES (...), ...".
+    let rows: Vec<RawTask> = match qb.build_query_as().fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(error = %e, "a batched report update failed; the group runs again write by write");
+            return Ok(false);
+        }
+    };
+    let mut applied: HashMap<String, TaskRow> = HashMap::new();
+    for row in rows {
+        match row.decode() {
+            Ok(task) => {
+                applied.insert(task.task_id.clone(), task);
+            }
+            Err(_) => return Ok(false),
+        }
+    }
+    for write in group.iter_mut() {
+        let Some(r) = write.plain_finish() else {
+            continue;
+        };
+        // A task reported twice in one group is applied once: the other
+        // report is told why not, as it would be one after the other.
+        let result = match applied.remove(&r.task_id) {
+            Some(task) => Ok(Finished::Applied(task)),
+            // A database error here: the group runs again write by write.
+            None => match not_applied(conn, r).await {
+                Err(StoreError::Db(_)) => return Ok(false),
+                other => other,
+            },
+        };
+        write.finished(result);
     }
     Ok(true)
 }
@@ -1103,48 +1273,13 @@ impl DispatchStore for SqliteStore {
     }
 
     async fn finish(&self, report: &Finish<'_>) -> Result<Finished, StoreError> {
-        self.write(FinishArgs::of(report), |c, r| {
-            Box::pin(async move {
-                let plan = FinishPlan::of(r.outcome);
-                let applied = sqlx::query_as::<_, RawTask>(concat!(
-                    "UPDATE tasks SET \
-                      status = CASE WHEN ?1 AND attempt < max_attempts THEN 'queued' ELSE ?2 END, \
-                      status_reason = CASE WHEN ?1 AND attempt >= max_attempts \
-                       THEN 'attempts exhausted' ELSE '' END, \
-                      finished_at_ms = CASE WHEN ?1 AND attempt < max_attempts \
-                       THEN NULL ELSE ?3 END, \
-                      outcome = ?4, exit_code = ?5, output_summary = ?6, \
-                      lease_expires_at_ms = NULL, deadline_at_ms = NULL, updated_at_ms = ?3 \
-                     WHERE task_id = ?7 AND lease_epoch = ?8 AND worker_id = ?9 \
-                      AND status IN ('assigned', 'running') RETURNING ",
-                    task_columns!()
-                ))
-                .bind(plan.retry)
-                .bind(plan.status)
-                .bind(r.now_ms)
-                .bind(r.outcome as i64)
-                .bind(i64::from(r.exit_code))
-                .bind(&r.output_summary)
-                .bind(&r.task_id)
-                .bind(epoch_param(r.lease_epoch))
-                .bind(&r.worker_id)
-                .fetch_optional(&mut *c)
-                .await?;
-                if let Some(row) = applied {
-                    return Ok(Finished::Applied(row.decode()?));
-                }
-                let current = sqlx::query_as::<_, RawTask>(concat!(
-                    "SELECT ",
-                    task_columns!(),
-                    " FROM tasks WHERE task_id = ?1"
-                ))
-                .bind(&r.task_id)
-                .fetch_optional(c)
-                .await?;
-                not_finished(current, r)
-            })
-        })
-        .await
+        let (reply, replied) = oneshot::channel();
+        let pending = PendingFinish {
+            args: FinishArgs::of(report),
+            result: None,
+            reply,
+        };
+        self.queue(Box::new(pending), replied).await
     }
 
     async fn expire(&self, now_ms: i64, limit: u32) -> Result<Vec<Released>, StoreError> {
