@@ -8,9 +8,13 @@
 //! and puts it at the back of the list if it could take more. A scope is
 //! served by one loop at a time (its workers' credits are read and spent by
 //! that loop alone), so the loops overlap the store round trips of different
-//! scopes' claims. A tenant with a backlog of 100,000 tasks therefore
-//! waits its turn like everyone else: another tenant's first task is handed
-//! out within one round. Correctness does not rest on this loop: every claim
+//! scopes' claims. Since turns overlap, each scope also keeps a virtual time
+//! (tasks handed per unit of weight), and one more than a quantum ahead of
+//! the slowest scope with work waits for it: shares follow the weights
+//! however long each scope's claims take. A scope that had no work starts
+//! level with the others, so idling earns no burst. A tenant with a backlog
+//! of 100,000 tasks therefore waits its turn like everyone else: another
+//! tenant's first task is handed out within one round. Correctness does not rest on this loop: every claim
 //! is a conditional update in the store with the scope in its WHERE clause.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -82,6 +86,9 @@ impl Conns {
     }
 }
 
+/// Virtual time of one task handed to a scope of weight 1.
+const VTASK: u64 = 1 << 16;
+
 #[derive(Debug, Default)]
 struct Rounds {
     active: VecDeque<Scope>,
@@ -90,6 +97,81 @@ struct Rounds {
     serving: HashSet<Scope>,
     /// Serving scopes woken meanwhile: queued again when their turn ends.
     again: HashSet<Scope>,
+    /// Each scope's virtual time: the tasks it was handed, in `VTASK`s per
+    /// unit of its weight. Several loops serve different scopes at once, so
+    /// taking turns alone would share dispatch by how fast each scope's
+    /// claims return, not by weight. A scope more than one quantum ahead of
+    /// the slowest scope with work therefore waits (start-time fair queueing).
+    vtime: HashMap<Scope, u64>,
+    /// The lowest virtual time of the scopes with work, as last seen: where a
+    /// scope that had none starts again, so that idling earns no credit.
+    floor: u64,
+}
+
+impl Rounds {
+    fn vtime_of(&self, scope: &Scope) -> u64 {
+        self.vtime.get(scope).copied().unwrap_or(self.floor)
+    }
+
+    /// The lowest virtual time of the scopes queued or being served.
+    fn min_vtime(&mut self) -> u64 {
+        let min = self
+            .active
+            .iter()
+            .chain(self.serving.iter())
+            .map(|s| self.vtime_of(s))
+            .min();
+        if let Some(min) = min {
+            self.floor = self.floor.max(min);
+        }
+        self.floor
+    }
+
+    /// Queues a scope that had no work: it starts level with the others.
+    fn enter(&mut self, scope: &Scope) {
+        let start = self.min_vtime().max(self.vtime_of(scope));
+        self.vtime.insert(scope.clone(), start);
+        self.queued.insert(scope.clone());
+        self.active.push_back(scope.clone());
+    }
+
+    /// Takes the first queued scope not more than `lead` ahead of the
+    /// slowest, and marks it served.
+    fn take(&mut self, lead: u64) -> Option<Scope> {
+        let limit = self.min_vtime().saturating_add(lead);
+        let i = self.active.iter().position(|s| self.vtime_of(s) <= limit)?;
+        let scope = self.active.remove(i)?;
+        self.queued.remove(&scope);
+        self.serving.insert(scope.clone());
+        Some(scope)
+    }
+
+    /// Ends a scope's turn, charging it for `handed` tasks at `weight`.
+    /// Returns whether it was woken meanwhile.
+    fn end_turn(&mut self, scope: &Scope, handed: u32, weight: u32) -> bool {
+        let charge = u64::from(handed).saturating_mul(VTASK) / u64::from(weight.max(1));
+        let v = self.vtime_of(scope).saturating_add(charge);
+        self.vtime.insert(scope.clone(), v);
+        self.serving.remove(scope);
+        self.again.remove(scope)
+    }
+
+    /// Queues a scope whose turn just ended with work left: it keeps its
+    /// virtual time.
+    fn requeue(&mut self, scope: &Scope) {
+        if self.queued.insert(scope.clone()) {
+            self.active.push_back(scope.clone());
+        }
+    }
+}
+
+/// What one scope's turn did.
+#[derive(Debug, Default)]
+struct Turn {
+    /// Its workers could take more.
+    more: bool,
+    /// Tasks handed out.
+    handed: u32,
 }
 
 /// The caller of a worker RPC, from its SVID.
@@ -263,8 +345,8 @@ impl Engine {
             rounds.again.insert(scope.clone());
             return;
         }
-        if rounds.queued.insert(scope.clone()) {
-            rounds.active.push_back(scope.clone());
+        if !rounds.queued.contains(scope) {
+            rounds.enter(scope);
             drop(rounds);
             self.inner.work.notify_one();
         }
@@ -457,34 +539,30 @@ impl Engine {
     // ---- the scheduler ------------------------------------------------------
 
     async fn schedule(self, stop: CancellationToken) {
+        let lead = u64::from(self.inner.fleet.quantum.max(1)).saturating_mul(VTASK);
         let mut rotation: u64 = 0;
         loop {
-            let next = {
-                let mut rounds = lock(&self.inner.rounds);
-                let s = rounds.active.pop_front();
-                if let Some(s) = &s {
-                    rounds.queued.remove(s);
-                    rounds.serving.insert(s.clone());
-                }
-                s
-            };
+            // Registered before looking, so that a turn ending or a scope
+            // arriving meanwhile is not missed.
+            let notified = self.inner.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let next = lock(&self.inner.rounds).take(lead);
             let Some(scope) = next else {
                 tokio::select! {
-                    () = self.inner.work.notified() => continue,
+                    () = notified => continue,
                     () = stop.cancelled() => return,
                 }
             };
             rotation = rotation.wrapping_add(1);
-            let served = self.serve_scope(&scope, rotation).await;
-            let again = {
-                let mut rounds = lock(&self.inner.rounds);
-                rounds.serving.remove(&scope);
-                rounds.again.remove(&scope)
-            };
+            let weight = self.weight(&scope);
+            let served = self.serve_scope(&scope, weight, rotation).await;
+            let handed = served.as_ref().map_or(0, |t| t.handed);
+            let again = lock(&self.inner.rounds).end_turn(&scope, handed, weight);
             match served {
-                Ok(more) => {
-                    if more || again {
-                        self.activate(&scope);
+                Ok(turn) => {
+                    if turn.more || again {
+                        lock(&self.inner.rounds).requeue(&scope);
                     }
                 }
                 Err(e) => {
@@ -496,17 +574,19 @@ impl Engine {
                     });
                 }
             }
+            // The slowest scope may have moved on: loops waiting for their
+            // scope to fall back within the lead look again.
+            self.inner.work.notify_waiters();
         }
     }
 
-    /// One turn of a scope: hands out at most its quantum. Returns whether it
-    /// could take more.
+    /// One turn of a scope: hands out at most its quantum.
     async fn serve_scope(
         &self,
         scope: &Scope,
+        weight: u32,
         rotation: u64,
-    ) -> Result<bool, crate::store::StoreError> {
-        let weight = self.weight(scope);
+    ) -> Result<Turn, crate::store::StoreError> {
         let mut budget = weight.saturating_mul(self.inner.fleet.quantum).max(1);
         let (wakes, mut candidates): (u64, Vec<(String, Labels, u32)>) = {
             let conns = lock(&self.inner.conns);
@@ -524,7 +604,7 @@ impl Engine {
             (conns.wakes_of(scope), candidates)
         };
         if candidates.is_empty() {
-            return Ok(false);
+            return Ok(Turn::default());
         }
         // Start with a different worker each turn so that one worker's labels
         // do not always win the oldest tasks.
@@ -532,6 +612,7 @@ impl Engine {
         let len = candidates.len();
         candidates.rotate_left(usize::try_from(rotation % len as u64).unwrap_or(0));
         let mut more = false;
+        let mut handed = 0;
         // Label sets whose claim came back short this turn: no queued task of
         // the scope matches them beyond what they got, so a worker whose labels
         // are a subset of one cannot match anything either (every task it
@@ -568,6 +649,7 @@ impl Engine {
                 .await?;
             let got = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
             budget = budget.saturating_sub(got);
+            handed += got;
             {
                 let mut conns = lock(&self.inner.conns);
                 if let Some(c) = conns.by_worker.get_mut(&worker_id) {
@@ -586,7 +668,7 @@ impl Engine {
                 self.deliver(&worker_id, task).await;
             }
         }
-        Ok(more)
+        Ok(Turn { more, handed })
     }
 
     fn weight(&self, scope: &Scope) -> u32 {
@@ -1243,4 +1325,111 @@ pub fn new_id() -> String {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(t: &str) -> Scope {
+        Scope::Tenant(t.into())
+    }
+
+    /// Two loops serve two scopes at once and the heavy scope's claims take
+    /// three times as long (three times as many tasks): the shares still
+    /// follow the weights 3:1, not the claims' speed.
+    #[test]
+    fn overlapping_turns_share_by_weight() {
+        let (heavy, light) = (tenant("heavy"), tenant("light"));
+        let quantum = 64;
+        let lead = quantum * VTASK;
+        let mut r = Rounds::default();
+        r.enter(&heavy);
+        r.enter(&light);
+        let mut handed: HashMap<Scope, u64> = HashMap::new();
+        // Each loop's turn ends at a time; the earliest ends first.
+        let mut clock: Vec<(u64, Scope)> = Vec::new();
+        for _ in 0..2 {
+            let s = r.take(lead).expect("both scopes are eligible at first");
+            clock.push((0, s));
+        }
+        let mut waiting: Vec<u64> = Vec::new();
+        for _ in 0..2_000 {
+            clock.sort_by_key(|c| c.0);
+            let (now, s) = clock.remove(0);
+            let weight = if s == heavy { 3 } else { 1 };
+            let n = weight * quantum as u32;
+            *handed.entry(s.clone()).or_default() += u64::from(n);
+            assert!(!r.end_turn(&s, n, weight));
+            r.requeue(&s);
+            waiting.push(now);
+            // Free loops take what is eligible; a turn lasts as long as the
+            // tasks it hands out.
+            while let Some(at) = waiting.pop() {
+                match r.take(lead) {
+                    Some(s) => {
+                        let w = if s == heavy { 3 } else { 1 };
+                        clock.push((at.max(now) + w * quantum, s));
+                    }
+                    None => {
+                        waiting.push(at);
+                        break;
+                    }
+                }
+            }
+        }
+        let (h, l) = (handed[&heavy] as f64, handed[&light] as f64);
+        let share = h / (h + l);
+        assert!((0.74..=0.76).contains(&share), "heavy's share {share:.3}");
+    }
+
+    /// A scope that had no work does not come back with a burst it saved up.
+    #[test]
+    fn idling_earns_no_credit() {
+        let (busy, idle) = (tenant("busy"), tenant("idle"));
+        let lead = 64 * VTASK;
+        let mut r = Rounds::default();
+        r.enter(&busy);
+        for _ in 0..100 {
+            let s = r.take(lead).expect("a scope is eligible");
+            r.end_turn(&s, 64, 1);
+            r.requeue(&s);
+        }
+        r.enter(&idle);
+        assert_eq!(r.vtime_of(&idle), r.vtime_of(&busy));
+        // It is served next, and then they alternate.
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let s = r.take(lead).expect("a scope is eligible");
+            r.end_turn(&s, 64, 1);
+            r.requeue(&s);
+            order.push(s);
+        }
+        assert_eq!(order.iter().filter(|s| **s == idle).count(), 3);
+    }
+
+    /// A scope more than a quantum ahead waits while another is served,
+    /// and is taken again once that one's turn ends.
+    #[test]
+    fn a_scope_ahead_waits_for_the_slowest() {
+        let (a, b) = (tenant("a"), tenant("b"));
+        let lead = 64 * VTASK;
+        let mut r = Rounds::default();
+        r.enter(&a);
+        r.enter(&b);
+        let first = r.take(lead).expect("a scope is eligible");
+        let second = r.take(lead).expect("a scope is eligible");
+        assert_eq!((&first, &second), (&a, &b));
+        // `a` finishes two turns while `b`'s first is still running.
+        r.end_turn(&a, 64, 1);
+        r.requeue(&a);
+        assert_eq!(r.take(lead), Some(a.clone()));
+        r.end_turn(&a, 64, 1);
+        r.requeue(&a);
+        assert_eq!(r.take(lead), None, "a is two quanta ahead of b");
+        r.end_turn(&b, 64, 1);
+        r.requeue(&b);
+        assert_eq!(r.take(lead), Some(a.clone()));
+        assert_eq!(r.take(lead), Some(b));
+    }
 }
