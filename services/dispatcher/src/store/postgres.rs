@@ -7,11 +7,17 @@
 //! is a conditional UPDATE (or a transaction that locks the rows it read), so
 //! no two replicas ever assign one attempt or apply one report twice. The hot
 //! paths (enqueue without a key, claim, start, heartbeat, report) are one
-//! statement each. Identifiers that are sorted or paged by use the "C"
-//! collation: byte order, as in SQLite.
+//! statement each; enqueues without a key, reports and reads of one task are
+//! batched besides: the calls that queued up while the previous batch ran
+//! share one statement (see `run_batcher`). Identifiers that are sorted or
+//! paged by use the "C" collation: byte order, as in SQLite.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::sqlite::{
     ClaimArgs, EncodedTask, FinishArgs, FinishPlan, RawAgent, RawTask, RawWorker, decode_all,
@@ -106,6 +112,16 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id) WHERE run_id <> ''",
 ];
 
+/// The columns an insert of a task names, in the order both inserts bind them.
+macro_rules! task_insert_columns {
+    () => {
+        "task_id, tenant, pool, agent, agent_version, labels, cascade, secret_keys, payload, \
+         priority, idempotency_key, request_hash, status, status_reason, attempt, max_attempts, \
+         lease_epoch, worker_id, run_id, lease_expires_at_ms, deadline_at_ms, timeout_ms, \
+         outcome, exit_code, output_summary, created_at_ms, updated_at_ms, finished_at_ms"
+    };
+}
+
 /// Every column of the task row `t`, as `RawTask` reads it.
 macro_rules! task_columns {
     () => {
@@ -166,12 +182,24 @@ const CLAIM_CONNECTIONS: u32 = 4;
 /// The advisory lock replicas take to create the schema ("dspt").
 const SCHEMA_LOCK: i64 = 0x6473_7074;
 
+/// How many calls one batch takes at most (a statement's arrays stay small).
+const MAX_BATCH: usize = 256;
+
+/// Batches run at once. More than one, so that the next batch's statements
+/// run while one waits for its commit's WAL flush (which PostgreSQL then
+/// shares between them); few, as each batch holds up to three connections of
+/// the pool's 16 (an insert, a report and a read statement, run together).
+const BATCHERS: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     /// The scheduler's claims have connections of their own, so that they
     /// never queue behind the Enqueue and report traffic for one.
     claims: PgPool,
+    /// The calls the batchers serve. The batchers end when every clone of
+    /// the store is dropped (the channel closes) or when the pool is closed.
+    batched: mpsc::Sender<Batched>,
 }
 
 impl PgStore {
@@ -195,13 +223,36 @@ impl PgStore {
             .max_connections(CLAIM_CONNECTIONS)
             .connect(url)
             .await?;
-        Ok(Self { pool, claims })
+        let (batched, waiting) = mpsc::channel(BATCHERS * MAX_BATCH);
+        let waiting = Arc::new(Mutex::new(waiting));
+        for _ in 0..BATCHERS {
+            tokio::spawn(run_batcher(pool.clone(), Arc::clone(&waiting)));
+        }
+        Ok(Self {
+            pool,
+            claims,
+            batched,
+        })
     }
 
-    /// Closes the pools' connections.
+    /// Closes the pools' connections (the batchers then end).
     pub async fn close(&self) {
         self.claims.close().await;
         self.pool.close().await;
+    }
+
+    /// Hands a call to the batchers and waits for its answer.
+    async fn batched<T>(&self, call: impl FnOnce(Reply<T>) -> Batched) -> Result<T, StoreError> {
+        let (reply, replied) = oneshot::channel();
+        let gone = || {
+            StoreError::Db(if self.pool.is_closed() {
+                sqlx::Error::PoolClosed
+            } else {
+                sqlx::Error::WorkerCrashed
+            })
+        };
+        self.batched.send(call(reply)).await.map_err(|_| gone())?;
+        replied.await.map_err(|_| gone())?
     }
 }
 
@@ -433,15 +484,15 @@ impl DispatchStore for PgStore {
         let e = EncodedTask::of(task)?;
         if task.idempotency_key.is_empty() {
             // Without a key there is nothing to conflict with.
-            let seq = insert(&mut *self.pool.acquire().await?, task, &e)
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!("task {}: inserted without a seq", task.task_id))
-                })?;
-            return Ok(Inserted::New(TaskRow {
-                seq,
-                ..task.clone()
-            }));
+            return self
+                .batched(|reply| {
+                    Batched::Insert(Box::new(PendingInsert {
+                        task: task.clone(),
+                        encoded: e,
+                        reply,
+                    }))
+                })
+                .await;
         }
         let (tenant, pool) = task.scope.columns();
         let holder_query = concat!(
@@ -550,16 +601,13 @@ impl DispatchStore for PgStore {
     }
 
     async fn get_task(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
-        sqlx::query_as::<_, RawTask>(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks AS t WHERE t.task_id = $1"
-        ))
-        .bind(task_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(RawTask::decode)
-        .transpose()
+        self.batched(|reply| {
+            Batched::Read(PendingRead {
+                task_id: task_id.to_owned(),
+                reply,
+            })
+        })
+        .await
     }
 
     async fn list_tasks(
@@ -759,46 +807,13 @@ impl DispatchStore for PgStore {
     }
 
     async fn finish(&self, report: &Finish<'_>) -> Result<Finished, StoreError> {
-        let plan = FinishPlan::of(report.outcome);
-        let applied = sqlx::query_as::<_, RawTask>(concat!(
-            "UPDATE tasks AS t SET \
-              status = CASE WHEN $1 AND t.attempt < t.max_attempts THEN 'queued' ELSE $2 END, \
-              status_reason = CASE WHEN $1 AND t.attempt >= t.max_attempts \
-               THEN 'attempts exhausted' ELSE '' END, \
-              finished_at_ms = CASE WHEN $1 AND t.attempt < t.max_attempts \
-               THEN NULL ELSE $3 END, \
-              outcome = $4, exit_code = $5, output_summary = $6, \
-              lease_expires_at_ms = NULL, deadline_at_ms = NULL, updated_at_ms = $3 \
-             WHERE t.task_id = $7 AND t.lease_epoch = $8 AND t.worker_id = $9 \
-              AND t.status IN ('assigned', 'running') RETURNING ",
-            task_columns!()
-        ))
-        .bind(plan.retry)
-        .bind(plan.status)
-        .bind(report.now_ms)
-        .bind(report.outcome as i64)
-        .bind(i64::from(report.exit_code))
-        .bind(report.output_summary)
-        .bind(report.task_id)
-        .bind(epoch_param(report.lease_epoch))
-        .bind(report.worker_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(row) = applied {
-            return Ok(Finished::Applied(row.decode()?));
-        }
-        // Nothing changed; a leased task at this epoch and worker cannot come
-        // back (the epoch grows at each assignment), so what we read now tells
-        // a repeat from a stale report.
-        let current = sqlx::query_as::<_, RawTask>(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks AS t WHERE t.task_id = $1"
-        ))
-        .bind(report.task_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        not_finished(current, &FinishArgs::of(report))
+        self.batched(|reply| {
+            Batched::Finish(PendingFinish {
+                args: FinishArgs::of(report),
+                reply,
+            })
+        })
+        .await
     }
 
     async fn expire(&self, now_ms: i64, limit: u32) -> Result<Vec<Released>, StoreError> {
@@ -928,17 +943,14 @@ async fn insert(
     e: &EncodedTask,
 ) -> Result<Option<i64>, StoreError> {
     let (tenant, pool) = t.scope.columns();
-    let seq = sqlx::query_scalar(
-        "INSERT INTO tasks (task_id, tenant, pool, agent, agent_version, labels, cascade, \
-          secret_keys, payload, priority, idempotency_key, request_hash, status, status_reason, \
-          attempt, max_attempts, lease_epoch, worker_id, run_id, lease_expires_at_ms, \
-          deadline_at_ms, timeout_ms, outcome, exit_code, output_summary, created_at_ms, \
-          updated_at_ms, finished_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-          $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28) \
+    let seq = sqlx::query_scalar(concat!(
+        "INSERT INTO tasks (",
+        task_insert_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+          $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28) \
          ON CONFLICT (tenant, pool, idempotency_key) WHERE idempotency_key <> '' DO NOTHING \
-         RETURNING seq",
-    )
+         RETURNING seq"
+    ))
     .bind(&t.task_id)
     .bind(tenant)
     .bind(pool)
@@ -991,4 +1003,544 @@ async fn release(
         .fetch_all(&mut *c)
         .await?;
     pair_released(before, after)
+}
+
+// ---- batching -----------------------------------------------------------------
+
+/// Where a batched call's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A call the batchers serve.
+enum Batched {
+    /// Boxed: a task row is several times the size of the other calls.
+    Insert(Box<PendingInsert>),
+    Finish(PendingFinish),
+    Read(PendingRead),
+}
+
+/// An insert of a task without an idempotency key.
+struct PendingInsert {
+    task: TaskRow,
+    encoded: EncodedTask,
+    reply: Reply<Inserted>,
+}
+
+/// A worker's report.
+struct PendingFinish {
+    args: FinishArgs,
+    reply: Reply<Finished>,
+}
+
+/// A read of one task by id.
+struct PendingRead {
+    task_id: String,
+    reply: Reply<Option<TaskRow>>,
+}
+
+/// A task row with the key its batch matches it by.
+#[derive(sqlx::FromRow)]
+struct Keyed {
+    key: String,
+    #[sqlx(flatten)]
+    task: RawTask,
+}
+
+/// One of the batchers: takes the calls waiting (all of them, up to
+/// `MAX_BATCH`), runs one statement per kind of call, answers, and takes the
+/// calls that queued up meanwhile. Nothing waits for a timer: a lone call is
+/// run at once, and batches grow only as the database slows. Ends when the
+/// channel closes (every store clone dropped) or the pool is closed; calls
+/// still queued then are dropped, and their callers get an error.
+async fn run_batcher(pool: PgPool, waiting: Arc<Mutex<mpsc::Receiver<Batched>>>) {
+    let mut closed = pool.close_event();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let received = tokio::select! {
+            n = async { waiting.lock().await.recv_many(&mut batch, MAX_BATCH).await } => n,
+            () = &mut closed => 0,
+        };
+        if received == 0 {
+            break;
+        }
+        let (mut inserts, mut finishes, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+        for call in batch.drain(..) {
+            match call {
+                Batched::Insert(p) => inserts.push(*p),
+                Batched::Finish(p) => finishes.push(p),
+                Batched::Read(p) => reads.push(p),
+            }
+        }
+        // The calls of a batch are concurrent: no order among them to keep.
+        tokio::join!(
+            insert_batch(&pool, inserts),
+            finish_batch(&pool, finishes),
+            read_batch(&pool, reads),
+        );
+    }
+}
+
+/// Whether a batched statement's failure may be one row's fault (a duplicate
+/// id, a value the server refuses), so that its calls are worth running
+/// alone; otherwise (the pool, the connection) each call gets the failure.
+fn row_may_be_at_fault(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(_) | sqlx::Error::Encode(_))
+}
+
+/// The error each call of a failed batched statement gets.
+fn batch_failed(e: &sqlx::Error) -> StoreError {
+    StoreError::Db(match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        e => sqlx::Error::Io(std::io::Error::other(format!(
+            "the batched statement failed: {e}"
+        ))),
+    })
+}
+
+impl PendingInsert {
+    /// Runs the insert alone and answers.
+    async fn run_alone(self, pool: &PgPool) {
+        let seq = async {
+            insert(&mut *pool.acquire().await?, &self.task, &self.encoded)
+                .await?
+                .ok_or_else(|| self.without_seq())
+        }
+        .await;
+        self.answer(seq);
+    }
+
+    /// The insert's row did not come back.
+    fn without_seq(&self) -> StoreError {
+        StoreError::Corrupt(format!(
+            "task {}: inserted without a seq",
+            self.task.task_id
+        ))
+    }
+
+    /// Answers with the `seq` the task was given, or why it was not inserted.
+    fn answer(self, seq: Result<i64, StoreError>) {
+        let Self { task, reply, .. } = self;
+        let _ = reply.send(seq.map(|seq| Inserted::New(TaskRow { seq, ..task })));
+    }
+}
+
+/// Inserts a batch's tasks in one statement; if it fails, each alone, so
+/// that a duplicate id fails its own call only.
+async fn insert_batch(pool: &PgPool, mut inserts: Vec<PendingInsert>) {
+    if inserts.len() <= 1 {
+        for p in inserts {
+            p.run_alone(pool).await;
+        }
+        return;
+    }
+    // Two batches inserting the same id (a duplicate) each wait for the
+    // other's uniqueness check; in one order they cannot deadlock.
+    inserts.sort_unstable_by(|a, b| a.task.task_id.cmp(&b.task.task_id));
+    let seqs = match insert_many(pool, &inserts).await {
+        Ok(seqs) => seqs,
+        Err(e) if row_may_be_at_fault(&e) => {
+            tracing::debug!(error = %e, inserts = inserts.len(), "a batched insert failed; its inserts run alone");
+            for p in inserts {
+                p.run_alone(pool).await;
+            }
+            return;
+        }
+        Err(e) => {
+            for p in inserts {
+                p.answer(Err(batch_failed(&e)));
+            }
+            return;
+        }
+    };
+    for p in inserts {
+        let seq = seqs
+            .get(&p.task.task_id)
+            .copied()
+            .ok_or_else(|| p.without_seq());
+        p.answer(seq);
+    }
+}
+
+/// One multi-row insert (no ON CONFLICT: without a key there is nothing to
+/// conflict with but a duplicate id, which fails the statement). The seqs by
+/// task id.
+async fn insert_many(
+    pool: &PgPool,
+    inserts: &[PendingInsert],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let n = inserts.len();
+    let (mut task_id, mut tenant, mut pool_, mut agent, mut agent_version) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut labels, mut cascade, mut secret_keys, mut payload, mut priority) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut idempotency_key, mut request_hash, mut status, mut status_reason, mut attempt) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut max_attempts, mut lease_epoch, mut worker_id, mut run_id, mut lease_expires_at_ms) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut deadline_at_ms, mut timeout_ms, mut outcome, mut exit_code, mut output_summary) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut created_at_ms, mut updated_at_ms, mut finished_at_ms) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for p in inserts {
+        let (t, e) = (&p.task, &p.encoded);
+        let (tenant_column, pool_column) = t.scope.columns();
+        task_id.push(t.task_id.as_str());
+        tenant.push(tenant_column);
+        pool_.push(pool_column);
+        agent.push(t.agent.as_str());
+        agent_version.push(t.agent_version.as_str());
+        labels.push(e.labels.as_str());
+        cascade.push(t.cascade.as_slice());
+        secret_keys.push(e.secret_keys.as_str());
+        payload.push(t.payload.as_slice());
+        priority.push(i64::from(t.priority));
+        idempotency_key.push(t.idempotency_key.as_str());
+        request_hash.push(t.request_hash.as_slice());
+        status.push(t.status.as_str());
+        status_reason.push(t.status_reason.as_str());
+        attempt.push(i64::from(t.attempt));
+        max_attempts.push(i64::from(t.max_attempts));
+        lease_epoch.push(e.lease_epoch);
+        worker_id.push(t.worker_id.as_str());
+        run_id.push(t.run_id.as_str());
+        lease_expires_at_ms.push(t.lease_expires_at_ms);
+        deadline_at_ms.push(t.deadline_at_ms);
+        timeout_ms.push(t.timeout_ms);
+        outcome.push(t.outcome as i64);
+        exit_code.push(i64::from(t.exit_code));
+        output_summary.push(t.output_summary.as_str());
+        created_at_ms.push(t.created_at_ms);
+        updated_at_ms.push(t.updated_at_ms);
+        finished_at_ms.push(t.finished_at_ms);
+    }
+    let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
+        "INSERT INTO tasks (",
+        task_insert_columns!(),
+        ") SELECT n.task_id, n.tenant, n.pool, n.agent, n.agent_version, n.labels::jsonb, \
+          n.cascade, n.secret_keys, n.payload, n.priority, n.idempotency_key, n.request_hash, \
+          n.status, n.status_reason, n.attempt, n.max_attempts, n.lease_epoch, n.worker_id, \
+          n.run_id, n.lease_expires_at_ms, n.deadline_at_ms, n.timeout_ms, n.outcome, \
+          n.exit_code, n.output_summary, n.created_at_ms, n.updated_at_ms, n.finished_at_ms \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+          $7::bytea[], $8::text[], $9::bytea[], $10::bigint[], $11::text[], $12::bytea[], \
+          $13::text[], $14::text[], $15::bigint[], $16::bigint[], $17::bigint[], $18::text[], \
+          $19::text[], $20::bigint[], $21::bigint[], $22::bigint[], $23::bigint[], \
+          $24::bigint[], $25::text[], $26::bigint[], $27::bigint[], $28::bigint[]) \
+          AS n(",
+        task_insert_columns!(),
+        ") RETURNING task_id, seq"
+    ))
+    .bind(task_id)
+    .bind(tenant)
+    .bind(pool_)
+    .bind(agent)
+    .bind(agent_version)
+    .bind(labels)
+    .bind(cascade)
+    .bind(secret_keys)
+    .bind(payload)
+    .bind(priority)
+    .bind(idempotency_key)
+    .bind(request_hash)
+    .bind(status)
+    .bind(status_reason)
+    .bind(attempt)
+    .bind(max_attempts)
+    .bind(lease_epoch)
+    .bind(worker_id)
+    .bind(run_id)
+    .bind(lease_expires_at_ms)
+    .bind(deadline_at_ms)
+    .bind(timeout_ms)
+    .bind(outcome)
+    .bind(exit_code)
+    .bind(output_summary)
+    .bind(created_at_ms)
+    .bind(updated_at_ms)
+    .bind(finished_at_ms)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Applies a report alone: the conditional update, else why it did nothing.
+async fn finish_alone(pool: &PgPool, r: &FinishArgs) -> Result<Finished, StoreError> {
+    let plan = FinishPlan::of(r.outcome);
+    let applied = sqlx::query_as::<_, RawTask>(concat!(
+        "UPDATE tasks AS t SET \
+          status = CASE WHEN $1 AND t.attempt < t.max_attempts THEN 'queued' ELSE $2 END, \
+          status_reason = CASE WHEN $1 AND t.attempt >= t.max_attempts \
+           THEN 'attempts exhausted' ELSE '' END, \
+          finished_at_ms = CASE WHEN $1 AND t.attempt < t.max_attempts \
+           THEN NULL ELSE $3 END, \
+          outcome = $4, exit_code = $5, output_summary = $6, \
+          lease_expires_at_ms = NULL, deadline_at_ms = NULL, updated_at_ms = $3 \
+         WHERE t.task_id = $7 AND t.lease_epoch = $8 AND t.worker_id = $9 \
+          AND t.status IN ('assigned', 'running') RETURNING ",
+        task_columns!()
+    ))
+    .bind(plan.retry)
+    .bind(plan.status)
+    .bind(r.now_ms)
+    .bind(r.outcome as i64)
+    .bind(i64::from(r.exit_code))
+    .bind(&r.output_summary)
+    .bind(&r.task_id)
+    .bind(epoch_param(r.lease_epoch))
+    .bind(&r.worker_id)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(row) = applied {
+        return Ok(Finished::Applied(row.decode()?));
+    }
+    // Nothing changed; a leased task at this epoch and worker cannot come
+    // back (the epoch grows at each assignment), so what we read now tells a
+    // repeat from a stale report.
+    let current = sqlx::query_as::<_, RawTask>(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks AS t WHERE t.task_id = $1"
+    ))
+    .bind(&r.task_id)
+    .fetch_optional(pool)
+    .await?;
+    not_finished(current, r)
+}
+
+/// Applies a batch's reports. A task reported twice is not in one statement
+/// twice: its reports go in rounds, one per round, as if one after the other.
+async fn finish_batch(pool: &PgPool, mut finishes: Vec<PendingFinish>) {
+    // Stable: a task's reports keep their order.
+    finishes.sort_by(|a, b| a.args.task_id.cmp(&b.args.task_id));
+    while !finishes.is_empty() {
+        let mut round: Vec<PendingFinish> = Vec::with_capacity(finishes.len());
+        let mut later = Vec::new();
+        for p in finishes {
+            if round
+                .last()
+                .is_some_and(|l| l.args.task_id == p.args.task_id)
+            {
+                later.push(p);
+            } else {
+                round.push(p);
+            }
+        }
+        finish_round(pool, round).await;
+        finishes = later;
+    }
+}
+
+/// Applies reports of distinct tasks in one statement; those it did not
+/// apply (repeated, stale, unknown) are then told why, from one read.
+async fn finish_round(pool: &PgPool, round: Vec<PendingFinish>) {
+    if round.len() <= 1 {
+        for p in round {
+            let _ = p.reply.send(finish_alone(pool, &p.args).await);
+        }
+        return;
+    }
+    let mut applied = match finish_many(pool, &round).await {
+        Ok(applied) => applied,
+        Err(e) if row_may_be_at_fault(&e) => {
+            tracing::debug!(error = %e, reports = round.len(), "a batched report update failed; its reports run alone");
+            for p in round {
+                let _ = p.reply.send(finish_alone(pool, &p.args).await);
+            }
+            return;
+        }
+        Err(e) => {
+            for p in round {
+                let _ = p.reply.send(Err(batch_failed(&e)));
+            }
+            return;
+        }
+    };
+    let mut not_applied = Vec::new();
+    for p in round {
+        match applied.remove(&p.args.task_id) {
+            Some(row) => {
+                let _ = p.reply.send(row.decode().map(Finished::Applied));
+            }
+            None => not_applied.push(p),
+        }
+    }
+    if not_applied.is_empty() {
+        return;
+    }
+    // A leased task at a report's epoch and worker cannot come back (the
+    // epoch grows at each assignment), so what we read now tells a repeat
+    // from a stale report.
+    let ids: Vec<&str> = not_applied
+        .iter()
+        .map(|p| p.args.task_id.as_str())
+        .collect();
+    match read_many(pool, &ids).await {
+        Ok(mut current) => {
+            for p in not_applied {
+                let result = not_finished(current.remove(&p.args.task_id), &p.args);
+                let _ = p.reply.send(result);
+            }
+        }
+        Err(e) => {
+            for p in not_applied {
+                let _ = p.reply.send(Err(batch_failed(&e)));
+            }
+        }
+    }
+}
+
+/// One conditional update of reports of distinct tasks, with the scope of
+/// each report as strict as `finish_alone`'s. The rows are locked in seq
+/// order first, as `renew_leases` and `release_workers_tasks` lock them, so
+/// that statements holding several of them never wait on each other in a
+/// cycle. The applied rows by task id.
+async fn finish_many(
+    pool: &PgPool,
+    round: &[PendingFinish],
+) -> Result<HashMap<String, RawTask>, sqlx::Error> {
+    let n = round.len();
+    let (mut task_id, mut lease_epoch, mut worker_id, mut retry, mut status) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut now_ms, mut outcome, mut exit_code, mut output_summary) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for PendingFinish { args: r, .. } in round {
+        let plan = FinishPlan::of(r.outcome);
+        task_id.push(r.task_id.as_str());
+        lease_epoch.push(epoch_param(r.lease_epoch));
+        worker_id.push(r.worker_id.as_str());
+        retry.push(plan.retry);
+        status.push(plan.status);
+        now_ms.push(r.now_ms);
+        outcome.push(r.outcome as i64);
+        exit_code.push(i64::from(r.exit_code));
+        output_summary.push(r.output_summary.as_str());
+    }
+    let rows = sqlx::query_as::<_, Keyed>(concat!(
+        "WITH f AS (SELECT t.seq, r.task_id, r.lease_epoch, r.worker_id, r.retry, r.status, \
+           r.now_ms, r.outcome, r.exit_code, r.output_summary \
+          FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bool[], $5::text[], \
+           $6::bigint[], $7::bigint[], $8::bigint[], $9::text[]) \
+           AS r(task_id, lease_epoch, worker_id, retry, status, now_ms, outcome, exit_code, \
+           output_summary) \
+          JOIN tasks AS t ON t.task_id = r.task_id AND t.lease_epoch = r.lease_epoch \
+           AND t.worker_id = r.worker_id \
+          WHERE t.status IN ('assigned', 'running') \
+          ORDER BY t.seq FOR UPDATE OF t) \
+         UPDATE tasks AS t SET \
+          status = CASE WHEN f.retry AND t.attempt < t.max_attempts THEN 'queued' \
+           ELSE f.status END, \
+          status_reason = CASE WHEN f.retry AND t.attempt >= t.max_attempts \
+           THEN 'attempts exhausted' ELSE '' END, \
+          finished_at_ms = CASE WHEN f.retry AND t.attempt < t.max_attempts \
+           THEN NULL ELSE f.now_ms END, \
+          outcome = f.outcome, exit_code = f.exit_code, output_summary = f.output_summary, \
+          lease_expires_at_ms = NULL, deadline_at_ms = NULL, updated_at_ms = f.now_ms \
+         FROM f WHERE t.seq = f.seq AND t.task_id = f.task_id \
+          AND t.lease_epoch = f.lease_epoch AND t.worker_id = f.worker_id \
+          AND t.status IN ('assigned', 'running') \
+         RETURNING f.task_id AS key, ",
+        task_columns!()
+    ))
+    .bind(task_id)
+    .bind(lease_epoch)
+    .bind(worker_id)
+    .bind(retry)
+    .bind(status)
+    .bind(now_ms)
+    .bind(outcome)
+    .bind(exit_code)
+    .bind(output_summary)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|k| (k.key, k.task)).collect())
+}
+
+/// Reads tasks by id (with their payloads), by task id.
+async fn read_many(pool: &PgPool, ids: &[&str]) -> Result<HashMap<String, RawTask>, sqlx::Error> {
+    let rows = sqlx::query_as::<_, Keyed>(concat!(
+        "SELECT t.task_id AS key, ",
+        task_columns!(),
+        " FROM tasks AS t WHERE t.task_id = ANY($1::text[])"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|k| (k.key, k.task)).collect())
+}
+
+/// Reads a batch's tasks in one statement.
+async fn read_batch(pool: &PgPool, mut reads: Vec<PendingRead>) {
+    if reads.is_empty() {
+        return;
+    }
+    // Sorted, a task read twice is read by neighbours (see below).
+    reads.sort_unstable_by(|a, b| a.task_id.cmp(&b.task_id));
+    let mut ids: Vec<&str> = reads.iter().map(|p| p.task_id.as_str()).collect();
+    ids.dedup();
+    let rows = match read_many(pool, &ids).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            for p in reads {
+                let _ = p.reply.send(Err(batch_failed(&e)));
+            }
+            return;
+        }
+    };
+    let mut rows: HashMap<String, Result<TaskRow, StoreError>> = rows
+        .into_iter()
+        .map(|(id, raw)| (id, raw.decode()))
+        .collect();
+    let mut reads = reads.into_iter().peekable();
+    while let Some(p) = reads.next() {
+        // The next call reads the same task: this one gets a copy.
+        let again = reads.peek().is_some_and(|next| next.task_id == p.task_id);
+        let result = if again {
+            match rows.get(&p.task_id) {
+                None => Ok(None),
+                Some(Ok(task)) => Ok(Some(task.clone())),
+                Some(Err(StoreError::Corrupt(why))) => Err(StoreError::Corrupt(why.clone())),
+                Some(Err(e)) => Err(StoreError::Corrupt(e.to_string())),
+            }
+        } else {
+            rows.remove(&p.task_id).transpose()
+        };
+        let _ = p.reply.send(result);
+    }
 }
