@@ -1471,6 +1471,136 @@ async fn a_worker_gets_no_task_whose_labels_it_lacks() -> anyhow::Result<()> {
 /// at enqueue with FAILED_PRECONDITION, an unknown one with NOT_FOUND. The
 /// submitter cannot approve (or reject) its own submission; another
 /// operator can, and audit says who decided.
+/// A worker waiting with free slots is handed new tasks in the Enqueue
+/// itself (its answer shows the task assigned), but never more than its free
+/// slots, never one its labels lack, and the rest stay queued until it grants
+/// more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_worker_is_handed_no_more_than_its_free_slots() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let agent = fleet.echo_agent().await?;
+    let mut acme = fleet.client("acme")?;
+    let mut w = DirectWorker::new(&fleet, "acme", "acme-burst")?;
+    w.register(&[("project", "p1")]).await?;
+    let mut s = w.open().await?;
+    s.credits(2).await?;
+    // One task first, so that the worker has claimed, found the queue empty
+    // and waits: the state in which new tasks are handed to it directly.
+    let first = enqueue(&mut acme, enqueue_req("acme", agent, "first", &[])).await?;
+    let a = s.assignment().await?;
+    ensure!(task_of(&a)?.task_id == first, "{a:?}");
+    s.report(&first, a.attempt, a.lease_epoch, pb::RunOutcome::Succeeded)
+        .await?;
+    ensure!(
+        s.ack(&first).await?.accepted,
+        "the first report was refused"
+    );
+    // Tasks it may not take stay queued.
+    for n in 0..2 {
+        let t = acme
+            .enqueue(enqueue_req(
+                "acme",
+                agent,
+                &format!("p2 {n}"),
+                &[("project", "p2")],
+            ))
+            .await?
+            .into_inner();
+        ensure!(
+            t.task
+                .as_ref()
+                .is_some_and(|t| t.status() == pb::TaskStatus::Queued),
+            "{t:?}"
+        );
+    }
+    s.credits(1).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // One at a time, four it may take: the first two are handed over in the
+    // Enqueue, the other two wait.
+    let mut answers = Vec::new();
+    for n in 0..4 {
+        let t = acme
+            .enqueue(enqueue_req(
+                "acme",
+                agent,
+                &format!("p1 {n}"),
+                &[("project", "p1")],
+            ))
+            .await?
+            .into_inner()
+            .task
+            .context("enqueue answered without the task")?;
+        answers.push((t.task_id.clone(), t.status(), t.worker_id.clone()));
+    }
+    let handed: Vec<&String> = answers
+        .iter()
+        .filter(|(_, status, worker)| {
+            *status == pb::TaskStatus::Assigned && worker.starts_with("acme-burst")
+        })
+        .map(|(id, ..)| id)
+        .collect();
+    ensure!(
+        handed.len() == 2
+            && answers[2..]
+                .iter()
+                .all(|(_, status, _)| *status == pb::TaskStatus::Queued),
+        "a worker with 2 free slots: {answers:?}"
+    );
+    let mut got = Vec::new();
+    while let Some(m) = s.next(Duration::from_millis(1_000)).await? {
+        if let Down::Assignment(a) = m {
+            got.push(task_of(&a)?.task_id.clone());
+        }
+    }
+    ensure!(
+        got.iter().collect::<Vec<_>>() == handed,
+        "received {got:?}, handed over {handed:?}"
+    );
+
+    // A concurrent burst while it has no slot: nothing more arrives.
+    let burst = (0..8).map(|n| {
+        let mut c = acme.clone();
+        async move {
+            enqueue(
+                &mut c,
+                enqueue_req("acme", agent, &format!("burst {n}"), &[("project", "p1")]),
+            )
+            .await
+        }
+    });
+    futures::future::try_join_all(burst).await?;
+    ensure!(
+        s.next(Duration::from_millis(1_000))
+            .await?
+            .is_none_or(|m| !matches!(m, Down::Assignment(_))),
+        "a worker without a free slot was handed a task"
+    );
+    // One more slot: exactly one more task, a p1 one.
+    s.credits(1).await?;
+    let more = s.assignment().await?;
+    ensure!(
+        task_of(&more)?.task_id == answers[2].0,
+        "the oldest waiting task should come next: {more:?}"
+    );
+    ensure!(
+        s.next(Duration::from_millis(1_000))
+            .await?
+            .is_none_or(|m| !matches!(m, Down::Assignment(_))),
+        "one slot, two tasks"
+    );
+    let tasks = list_tasks(&mut acme, "acme").await?;
+    let queued = tasks
+        .iter()
+        .filter(|t| t.status() == pb::TaskStatus::Queued)
+        .count();
+    ensure!(
+        queued == 2 + 1 + 8,
+        "{queued} tasks queued, expected 11: {tasks:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_agents_approved_by_another_operator_can_be_enqueued() -> anyhow::Result<()> {
     let fleet = Fleet::start().await?;

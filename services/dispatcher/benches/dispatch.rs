@@ -40,7 +40,8 @@
 //! DISPATCH_BENCH_CREDITS (64), DISPATCH_BENCH_REPS (3), DISPATCH_BENCH_RATE
 //! (500), DISPATCH_BENCH_OPEN_SECS (10), DISPATCH_BENCH_MINT_TASKS (5000; 0
 //! skips), DISPATCH_BENCH_STREAMS (2000; 0 skips), DISPATCH_BENCH_PHASE_SECS
-//! (120: every phase stops there, and says so). Every loop is bounded by its
+//! (120: every phase stops there, and says so), DISPATCH_BENCH_HAND_OFF (1; 0
+//! turns `[fleet] hand_off` off). Every loop is bounded by its
 //! count and by the phase deadline.
 
 use std::collections::BTreeMap;
@@ -890,7 +891,10 @@ async fn start_stack(pki: &Pki, store_url: Option<String>) -> anyhow::Result<Sta
             store,
             audit,
             identity: IdentityServiceClient::new(channel(&peers.identity_addr, "identity")?),
-            fleet: FleetConfig::default(),
+            fleet: FleetConfig {
+                hand_off: env_u64("DISPATCH_BENCH_HAND_OFF", 1)? != 0,
+                ..FleetConfig::default()
+            },
             wake: Wake::none(),
             draining: server.draining(),
         },

@@ -50,6 +50,15 @@ pub struct FleetConfig {
     /// one loop at a time). More overlap the claims' store round trips.
     #[serde(default = "default_schedulers")]
     pub schedulers: u32,
+    /// Hand a new task straight to a waiting worker of its scope in the
+    /// enqueue's own insert, saving the scheduler's claim (see
+    /// `Engine::enqueue`). Off: every task is queued and claimed.
+    #[serde(default = "default_hand_off")]
+    pub hand_off: bool,
+}
+
+fn default_hand_off() -> bool {
+    true
 }
 
 fn default_schedulers() -> u32 {
@@ -69,6 +78,7 @@ impl Default for FleetConfig {
             default_weight: 1,
             quantum: 64,
             schedulers: default_schedulers(),
+            hand_off: default_hand_off(),
         }
     }
 }

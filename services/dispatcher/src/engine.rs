@@ -35,7 +35,7 @@ use tonic::Status;
 use crate::config::FleetConfig;
 use crate::convert;
 use crate::model::{AgentRow, Labels, Outcome, Scope, TaskRow, TaskStatus, now_ms};
-use crate::store::{ClaimBatch, DispatchStore, Released};
+use crate::store::{ClaimBatch, DispatchStore, Inserted, Released};
 use crate::wake::Wake;
 
 /// What the engine sends down a claim stream.
@@ -557,16 +557,12 @@ impl Engine {
             rotation = rotation.wrapping_add(1);
             let weight = self.weight(&scope);
             let served = self.serve_scope(&scope, weight, rotation).await;
-            let handed = served.as_ref().map_or(0, |t| t.handed);
-            let again = lock(&self.inner.rounds).end_turn(&scope, handed, weight);
             match served {
-                Ok(turn) => {
-                    if turn.more || again {
-                        lock(&self.inner.rounds).requeue(&scope);
-                    }
-                }
+                Ok(turn) => self.end_turn(&scope, turn.handed, weight, turn.more),
                 Err(e) => {
                     tracing::warn!(scope = %scope, error = %e, "claim failed; retrying the scope shortly");
+                    lock(&self.inner.rounds).end_turn(&scope, 0, weight);
+                    self.inner.work.notify_waiters();
                     let engine = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -574,9 +570,121 @@ impl Engine {
                     });
                 }
             }
-            // The slowest scope may have moved on: loops waiting for their
-            // scope to fall back within the lead look again.
-            self.inner.work.notify_waiters();
+        }
+    }
+
+    /// Ends a scope's turn: charges it for what it was handed, queues it
+    /// again if it has work left or was woken meanwhile, and lets loops
+    /// waiting for the slowest scope to move on look again.
+    fn end_turn(&self, scope: &Scope, handed: u32, weight: u32, more: bool) {
+        {
+            let mut rounds = lock(&self.inner.rounds);
+            if rounds.end_turn(scope, handed, weight) || more {
+                rounds.requeue(scope);
+            }
+        }
+        self.inner.work.notify_waiters();
+    }
+
+    // ---- hand-off at enqueue --------------------------------------------------
+
+    /// Puts a new task in the store. When a worker of its scope on this
+    /// replica has a free slot, matches its labels and found nothing to take
+    /// at its last claim (so no queued task waits for it), the task goes in
+    /// already assigned to that worker and is pushed to it at once: the
+    /// scheduler's claim, a write and a wake-up, is saved. The scope counts
+    /// as served meanwhile, so that its credits are spent by one party at a
+    /// time and its share is charged. Otherwise the task is queued and the
+    /// scheduler is woken.
+    pub async fn enqueue(
+        &self,
+        mut row: TaskRow,
+        dedup_since_ms: i64,
+    ) -> Result<Inserted, crate::store::StoreError> {
+        let slot = if self.inner.fleet.hand_off {
+            self.take_slot(&row.scope, &row.labels)
+        } else {
+            None
+        };
+        let Some((worker_id, generation)) = slot else {
+            let inserted = self.inner.store.insert_task(&row, dedup_since_ms).await?;
+            if let Inserted::New(t) = &inserted {
+                self.announce(&t.scope);
+            }
+            return Ok(inserted);
+        };
+        // As a claim would set them.
+        let now = row.created_at_ms;
+        row.status = TaskStatus::Assigned;
+        row.attempt = 1;
+        row.lease_epoch = 1;
+        row.worker_id = worker_id.clone();
+        row.lease_expires_at_ms = Some(now.saturating_add(self.lease_ms()));
+        row.deadline_at_ms = Some(now.saturating_add(row.timeout_ms));
+        let engine = self.clone();
+        // Spawned, so that the scope's turn ends even if the caller goes away.
+        tokio::spawn(async move {
+            let scope = row.scope.clone();
+            let inserted = engine.inner.store.insert_task(&row, dedup_since_ms).await;
+            let handed = match &inserted {
+                Ok(Inserted::New(t)) => {
+                    engine.deliver(&worker_id, t.clone()).await;
+                    1
+                }
+                _ => {
+                    engine.give_slot_back(&worker_id, generation);
+                    0
+                }
+            };
+            engine.end_turn(&scope, handed, engine.weight(&scope), false);
+            inserted
+        })
+        .await
+        .map_err(|e| crate::store::StoreError::Corrupt(format!("the enqueue task failed: {e}")))?
+    }
+
+    /// Takes a slot of a worker that can take a task of `scope` with `labels`
+    /// now and has nothing queued to take instead, holding the scope as
+    /// served; its id and stream generation.
+    fn take_slot(&self, scope: &Scope, labels: &Labels) -> Option<(String, u64)> {
+        let mut rounds = lock(&self.inner.rounds);
+        if rounds.serving.contains(scope) || rounds.queued.contains(scope) {
+            return None;
+        }
+        let mut conns = lock(&self.inner.conns);
+        let wakes = conns.wakes_of(scope);
+        let worker_id = conns
+            .by_scope
+            .get(scope)?
+            .iter()
+            .filter(|id| {
+                conns.by_worker.get(*id).is_some_and(|c| {
+                    c.credits > 0
+                        && !c.draining
+                        && c.starved == Some(wakes)
+                        && crate::model::labels_match(labels, &c.labels)
+                })
+            })
+            // The one with the most free slots, so that load spreads.
+            .max_by_key(|id| conns.by_worker.get(*id).map_or(0, |c| c.credits))?
+            .clone();
+        let c = conns.by_worker.get_mut(&worker_id)?;
+        c.credits -= 1;
+        let generation = c.generation;
+        drop(conns);
+        // Like a scope entering the round: level with the others.
+        let start = rounds.min_vtime().max(rounds.vtime_of(scope));
+        rounds.vtime.insert(scope.clone(), start);
+        rounds.serving.insert(scope.clone());
+        Some((worker_id, generation))
+    }
+
+    /// A slot taken for a task that was not inserted: the worker has it again.
+    fn give_slot_back(&self, worker_id: &str, generation: u64) {
+        if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(worker_id)
+            && c.generation == generation
+        {
+            c.credits = c.credits.saturating_add(1).min(c.max_runs);
         }
     }
 

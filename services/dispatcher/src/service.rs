@@ -524,19 +524,17 @@ impl DispatcherService for DispatcherApi {
             updated_at_ms: now,
             finished_at_ms: None,
         };
-        match store
-            .insert_task(&row, now - DEDUP_WINDOW_MS)
+        match self
+            .engine
+            .enqueue(row, now - DEDUP_WINDOW_MS)
             .await
             .map_err(storage)?
         {
-            Inserted::New(t) => {
-                self.engine.announce(&t.scope);
-                Ok(Response::new(pb::EnqueueResponse {
-                    task_id: t.task_id.clone(),
-                    task: Some(convert::task(&t, false)),
-                    deduplicated: false,
-                }))
-            }
+            Inserted::New(t) => Ok(Response::new(pb::EnqueueResponse {
+                task_id: t.task_id.clone(),
+                task: Some(convert::task(&t, false)),
+                deduplicated: false,
+            })),
             Inserted::Existing(t) => dedup(t, &spec.request_hash),
         }
     }
