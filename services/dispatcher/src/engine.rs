@@ -6,9 +6,11 @@
 //! (tenants and pools) with work and credited workers wait in a round-robin
 //! list; a loop takes the first, hands it at most `weight × quantum` tasks,
 //! and puts it at the back of the list if it could take more. A scope is
-//! served by one loop at a time (its workers' credits are read and spent by
-//! that loop alone), so the loops overlap the store round trips of different
-//! scopes' claims. Since turns overlap, each scope also keeps a virtual time
+//! served by one loop at a time, so the loops overlap the store round trips
+//! of different scopes' claims. A claim takes its worker's free slots before
+//! it runs and gives back what it did not fill, so that a hand-off at
+//! enqueue (`Engine::enqueue`), which takes a slot too, never fills the same
+//! one. Since turns overlap, each scope also keeps a virtual time
 //! (tasks handed per unit of weight), and one more than a quantum ahead of
 //! the slowest scope with work waits for it: shares follow the weights
 //! however long each scope's claims take. A scope that had no work starts
@@ -146,12 +148,17 @@ impl Rounds {
         Some(scope)
     }
 
-    /// Ends a scope's turn, charging it for `handed` tasks at `weight`.
-    /// Returns whether it was woken meanwhile.
-    fn end_turn(&mut self, scope: &Scope, handed: u32, weight: u32) -> bool {
+    /// Charges a scope for `handed` tasks at `weight`.
+    fn charge(&mut self, scope: &Scope, handed: u32, weight: u32) {
         let charge = u64::from(handed).saturating_mul(VTASK) / u64::from(weight.max(1));
         let v = self.vtime_of(scope).saturating_add(charge);
         self.vtime.insert(scope.clone(), v);
+    }
+
+    /// Ends a scope's turn, charging it for `handed` tasks at `weight`.
+    /// Returns whether it was woken meanwhile.
+    fn end_turn(&mut self, scope: &Scope, handed: u32, weight: u32) -> bool {
+        self.charge(scope, handed, weight);
         self.serving.remove(scope);
         self.again.remove(scope)
     }
@@ -592,17 +599,17 @@ impl Engine {
     /// replica has a free slot, matches its labels and found nothing to take
     /// at its last claim (so no queued task waits for it), the task goes in
     /// already assigned to that worker and is pushed to it at once: the
-    /// scheduler's claim, a write and a wake-up, is saved. The scope counts
-    /// as served meanwhile, so that its credits are spent by one party at a
-    /// time and its share is charged. Otherwise the task is queued and the
-    /// scheduler is woken.
+    /// scheduler's claim, a write and a wake-up, is saved. The slot is taken
+    /// first, as the scheduler takes slots before it claims, so the two never
+    /// fill one slot twice, and the scope's share is charged. Otherwise the
+    /// task is queued and the scheduler is woken.
     pub async fn enqueue(
         &self,
         mut row: TaskRow,
         dedup_since_ms: i64,
     ) -> Result<Inserted, crate::store::StoreError> {
         let slot = if self.inner.fleet.hand_off {
-            self.take_slot(&row.scope, &row.labels)
+            self.slot_for(&row.scope, &row.labels)
         } else {
             None
         };
@@ -622,21 +629,18 @@ impl Engine {
         row.lease_expires_at_ms = Some(now.saturating_add(self.lease_ms()));
         row.deadline_at_ms = Some(now.saturating_add(row.timeout_ms));
         let engine = self.clone();
-        // Spawned, so that the scope's turn ends even if the caller goes away.
+        // Spawned, so that the slot comes back if the insert fails even when
+        // the caller has gone away.
         tokio::spawn(async move {
-            let scope = row.scope.clone();
             let inserted = engine.inner.store.insert_task(&row, dedup_since_ms).await;
-            let handed = match &inserted {
+            match &inserted {
                 Ok(Inserted::New(t)) => {
+                    let weight = engine.weight(&t.scope);
+                    lock(&engine.inner.rounds).charge(&t.scope, 1, weight);
                     engine.deliver(&worker_id, t.clone()).await;
-                    1
                 }
-                _ => {
-                    engine.give_slot_back(&worker_id, generation);
-                    0
-                }
-            };
-            engine.end_turn(&scope, handed, engine.weight(&scope), false);
+                _ => engine.give_slots_back(&worker_id, generation, 1),
+            }
             inserted
         })
         .await
@@ -644,13 +648,9 @@ impl Engine {
     }
 
     /// Takes a slot of a worker that can take a task of `scope` with `labels`
-    /// now and has nothing queued to take instead, holding the scope as
-    /// served; its id and stream generation.
-    fn take_slot(&self, scope: &Scope, labels: &Labels) -> Option<(String, u64)> {
-        let mut rounds = lock(&self.inner.rounds);
-        if rounds.serving.contains(scope) || rounds.queued.contains(scope) {
-            return None;
-        }
+    /// now and has nothing queued to take instead; its id and stream
+    /// generation.
+    fn slot_for(&self, scope: &Scope, labels: &Labels) -> Option<(String, u64)> {
         let mut conns = lock(&self.inner.conns);
         let wakes = conns.wakes_of(scope);
         let worker_id = conns
@@ -670,21 +670,30 @@ impl Engine {
             .clone();
         let c = conns.by_worker.get_mut(&worker_id)?;
         c.credits -= 1;
-        let generation = c.generation;
-        drop(conns);
-        // Like a scope entering the round: level with the others.
-        let start = rounds.min_vtime().max(rounds.vtime_of(scope));
-        rounds.vtime.insert(scope.clone(), start);
-        rounds.serving.insert(scope.clone());
-        Some((worker_id, generation))
+        Some((worker_id, c.generation))
     }
 
-    /// A slot taken for a task that was not inserted: the worker has it again.
-    fn give_slot_back(&self, worker_id: &str, generation: u64) {
+    /// Takes up to `max` of a worker's free slots (of this stream
+    /// generation); how many.
+    fn take_slots(&self, worker_id: &str, generation: u64, max: u32) -> u32 {
+        let mut conns = lock(&self.inner.conns);
+        match conns.by_worker.get_mut(worker_id) {
+            Some(c) if c.generation == generation => {
+                let n = c.credits.min(max);
+                c.credits -= n;
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    /// Slots taken for tasks that were not handed out: the worker has them
+    /// again (unless its stream was replaced meanwhile).
+    fn give_slots_back(&self, worker_id: &str, generation: u64, n: u32) {
         if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(worker_id)
             && c.generation == generation
         {
-            c.credits = c.credits.saturating_add(1).min(c.max_runs);
+            c.credits = c.credits.saturating_add(n).min(c.max_runs);
         }
     }
 
@@ -696,7 +705,7 @@ impl Engine {
         rotation: u64,
     ) -> Result<Turn, crate::store::StoreError> {
         let mut budget = weight.saturating_mul(self.inner.fleet.quantum).max(1);
-        let (wakes, mut candidates): (u64, Vec<(String, Labels, u32)>) = {
+        let (wakes, mut candidates): (u64, Vec<(String, Labels, u64)>) = {
             let conns = lock(&self.inner.conns);
             let candidates = conns
                 .by_scope
@@ -706,7 +715,7 @@ impl Engine {
                 .filter_map(|id| {
                     let c = conns.by_worker.get(id)?;
                     (c.credits > 0 && !conns.is_starved(c) && !c.draining)
-                        .then(|| (id.clone(), c.labels.clone(), c.credits))
+                        .then(|| (id.clone(), c.labels.clone(), c.generation))
                 })
                 .collect();
             (conns.wakes_of(scope), candidates)
@@ -727,7 +736,7 @@ impl Engine {
         // could take, the other could have taken). Skipping it saves a claim,
         // which is a write, per idle worker per wake-up.
         let mut exhausted: Vec<Labels> = Vec::new();
-        for (worker_id, labels, credits) in candidates {
+        for (worker_id, labels, generation) in candidates {
             if budget == 0 {
                 more = true;
                 break;
@@ -741,9 +750,15 @@ impl Engine {
                 }
                 continue;
             }
-            let want = credits.min(budget);
+            // The slots are taken before the claim and what it did not use is
+            // given back after: a hand-off at enqueue (which takes slots too)
+            // never finds one this claim may fill.
+            let want = self.take_slots(&worker_id, generation, budget);
+            if want == 0 {
+                continue;
+            }
             let now = now_ms();
-            let tasks = self
+            let claimed = self
                 .inner
                 .store
                 .claim(&ClaimBatch {
@@ -754,21 +769,32 @@ impl Engine {
                     now_ms: now,
                     lease_ms: self.lease_ms(),
                 })
-                .await?;
-            let got = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
-            budget = budget.saturating_sub(got);
-            handed += got;
+                .await;
+            let got = claimed
+                .as_ref()
+                .map_or(0, |t| u32::try_from(t.len()).unwrap_or(u32::MAX));
             {
                 let mut conns = lock(&self.inner.conns);
                 if let Some(c) = conns.by_worker.get_mut(&worker_id) {
-                    c.credits = c.credits.saturating_sub(got);
-                    if got < want {
-                        c.starved = Some(wakes);
-                    } else if c.credits > 0 {
-                        more = true;
+                    if c.generation == generation {
+                        c.credits = c.credits.saturating_add(want - got).min(c.max_runs);
+                    } else {
+                        // A new stream of the same worker: what was claimed
+                        // goes down it, so it counts against its slots.
+                        c.credits = c.credits.saturating_sub(got);
+                    }
+                    if claimed.is_ok() {
+                        if got < want {
+                            c.starved = Some(wakes);
+                        } else if c.credits > 0 {
+                            more = true;
+                        }
                     }
                 }
             }
+            let tasks = claimed?;
+            budget = budget.saturating_sub(got);
+            handed += got;
             if got < want {
                 exhausted.push(labels);
             }
