@@ -148,6 +148,15 @@ impl Rounds {
         Some(scope)
     }
 
+    /// Charges a scope for tasks handed over at enqueue: only one in the
+    /// round, competing with others, has a share to keep; one outside it
+    /// would pile up a debt it pays back when it next has a backlog.
+    fn charge_hand_off(&mut self, scope: &Scope, weight: u32) {
+        if self.queued.contains(scope) || self.serving.contains(scope) {
+            self.charge(scope, 1, weight);
+        }
+    }
+
     /// Charges a scope for `handed` tasks at `weight`.
     fn charge(&mut self, scope: &Scope, handed: u32, weight: u32) {
         let charge = u64::from(handed).saturating_mul(VTASK) / u64::from(weight.max(1));
@@ -160,6 +169,21 @@ impl Rounds {
     fn end_turn(&mut self, scope: &Scope, handed: u32, weight: u32) -> bool {
         self.charge(scope, handed, weight);
         self.serving.remove(scope);
+        if handed == 0 {
+            // It could use nothing (no task its workers match, say): it must
+            // not hold the others back while it stays in the round.
+            let others = self
+                .active
+                .iter()
+                .chain(self.serving.iter())
+                .filter(|s| *s != scope)
+                .map(|s| self.vtime_of(s))
+                .min();
+            if let Some(others) = others {
+                let v = self.vtime_of(scope).max(others);
+                self.vtime.insert(scope.clone(), v);
+            }
+        }
         self.again.remove(scope)
     }
 
@@ -341,18 +365,25 @@ impl Engine {
                 .filter_map(|id| conns.by_worker.get(id))
                 .any(|c| c.credits > 0 && !c.draining)
         };
-        if ready {
-            self.activate(scope);
-        }
+        // A scope being served counts too, whatever its free slots: its turn
+        // may hold them (taken for a claim), and gives back what it did not
+        // fill when it ends.
+        self.activate_if(scope, ready);
     }
 
     fn activate(&self, scope: &Scope) {
+        self.activate_if(scope, true);
+    }
+
+    /// Queues a scope for a turn if `ready`; one being served is queued again
+    /// when its turn ends, ready or not.
+    fn activate_if(&self, scope: &Scope, ready: bool) {
         let mut rounds = lock(&self.inner.rounds);
         if rounds.serving.contains(scope) {
             rounds.again.insert(scope.clone());
             return;
         }
-        if !rounds.queued.contains(scope) {
+        if ready && !rounds.queued.contains(scope) {
             rounds.enter(scope);
             drop(rounds);
             self.inner.work.notify_one();
@@ -402,6 +433,11 @@ impl Engine {
             let _ = old.tx.try_send(Err(Status::aborted(
                 "replaced by a newer claim stream of the same worker",
             )));
+            if old.scope != who.scope
+                && let Some(ids) = conns.by_scope.get_mut(&old.scope)
+            {
+                ids.remove(&who.worker_id);
+            }
         }
         conns.by_worker.insert(
             who.worker_id.clone(),
@@ -620,8 +656,9 @@ impl Engine {
             }
             return Ok(inserted);
         };
-        // As a claim would set them.
-        let now = row.created_at_ms;
+        // As a claim would set them, the lease counted from now.
+        let now = now_ms();
+        row.updated_at_ms = now;
         row.status = TaskStatus::Assigned;
         row.attempt = 1;
         row.lease_epoch = 1;
@@ -633,13 +670,26 @@ impl Engine {
         // the caller has gone away.
         tokio::spawn(async move {
             let inserted = engine.inner.store.insert_task(&row, dedup_since_ms).await;
-            match &inserted {
-                Ok(Inserted::New(t)) => {
+            let handed = match &inserted {
+                Ok(Inserted::New(t)) => Some(t.clone()),
+                Ok(Inserted::Existing(_)) => None,
+                // The insert may have committed all the same (its answer was
+                // lost): a task left assigned and never pushed would only burn
+                // an attempt when its lease lapsed.
+                Err(_) => match engine.inner.store.get_task(&row.task_id).await {
+                    Ok(Some(t)) if t.worker_id == worker_id && t.lease_epoch == row.lease_epoch => {
+                        Some(t)
+                    }
+                    _ => None,
+                },
+            };
+            match handed {
+                Some(t) => {
                     let weight = engine.weight(&t.scope);
-                    lock(&engine.inner.rounds).charge(&t.scope, 1, weight);
-                    engine.deliver(&worker_id, t.clone()).await;
+                    lock(&engine.inner.rounds).charge_hand_off(&t.scope, weight);
+                    engine.deliver(&worker_id, generation, t).await;
                 }
-                _ => engine.give_slots_back(&worker_id, generation, 1),
+                None => engine.give_slots_back(&worker_id, generation, 1),
             }
             inserted
         })
@@ -659,7 +709,8 @@ impl Engine {
             .iter()
             .filter(|id| {
                 conns.by_worker.get(*id).is_some_and(|c| {
-                    c.credits > 0
+                    c.scope == *scope
+                        && c.credits > 0
                         && !c.draining
                         && c.starved == Some(wakes)
                         && crate::model::labels_match(labels, &c.labels)
@@ -690,10 +741,22 @@ impl Engine {
     /// Slots taken for tasks that were not handed out: the worker has them
     /// again (unless its stream was replaced meanwhile).
     fn give_slots_back(&self, worker_id: &str, generation: u64, n: u32) {
-        if let Some(c) = lock(&self.inner.conns).by_worker.get_mut(worker_id)
-            && c.generation == generation
-        {
+        let scope = {
+            let mut conns = lock(&self.inner.conns);
+            let Some(c) = conns.by_worker.get_mut(worker_id) else {
+                return;
+            };
+            if c.generation != generation {
+                return;
+            }
             c.credits = c.credits.saturating_add(n).min(c.max_runs);
+            // Work may have been queued while the slot was out (its wake-up
+            // found no free slot): as when credits come back.
+            let c = &conns.by_worker[worker_id];
+            (!c.draining && !conns.is_starved(c)).then(|| c.scope.clone())
+        };
+        if let Some(scope) = scope {
+            self.activate(&scope);
         }
     }
 
@@ -714,7 +777,7 @@ impl Engine {
                 .flatten()
                 .filter_map(|id| {
                     let c = conns.by_worker.get(id)?;
-                    (c.credits > 0 && !conns.is_starved(c) && !c.draining)
+                    (c.scope == *scope && c.credits > 0 && !conns.is_starved(c) && !c.draining)
                         .then(|| (id.clone(), c.labels.clone(), c.generation))
                 })
                 .collect();
@@ -776,14 +839,12 @@ impl Engine {
             {
                 let mut conns = lock(&self.inner.conns);
                 if let Some(c) = conns.by_worker.get_mut(&worker_id) {
+                    // A newer stream of the same worker has slots of its
+                    // own; what was claimed is given back, not sent down it.
                     if c.generation == generation {
                         c.credits = c.credits.saturating_add(want - got).min(c.max_runs);
-                    } else {
-                        // A new stream of the same worker: what was claimed
-                        // goes down it, so it counts against its slots.
-                        c.credits = c.credits.saturating_sub(got);
                     }
-                    if claimed.is_ok() {
+                    if claimed.is_ok() && c.generation == generation {
                         if got < want {
                             c.starved = Some(wakes);
                         } else if c.credits > 0 {
@@ -799,7 +860,7 @@ impl Engine {
                 exhausted.push(labels);
             }
             for task in tasks {
-                self.deliver(&worker_id, task).await;
+                self.deliver(&worker_id, generation, task).await;
             }
         }
         Ok(Turn { more, handed })
@@ -826,7 +887,7 @@ impl Engine {
     /// Pushes a claimed task to its worker. If the stream is gone or full, the
     /// attempt goes back to the queue at once rather than waiting out its
     /// lease.
-    async fn deliver(&self, worker_id: &str, task: TaskRow) {
+    async fn deliver(&self, worker_id: &str, generation: u64, task: TaskRow) {
         let msg = match self.assignment(&task).await {
             Ok(a) => pb::ClaimResponse {
                 body: Some(pb::claim_response::Body::Assignment(a)),
@@ -838,7 +899,14 @@ impl Engine {
                 return;
             }
         };
-        if self.send_to(worker_id, msg) {
+        // Only down the stream whose slot it took: a newer stream of the
+        // same worker grants slots of its own.
+        let tx = lock(&self.inner.conns)
+            .by_worker
+            .get(worker_id)
+            .filter(|c| c.generation == generation)
+            .map(|c| c.tx.clone());
+        if tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok()) {
             self.changed(&task.task_id);
         } else {
             self.give_back(&task, "the worker's claim stream closed")
@@ -1540,6 +1608,50 @@ mod tests {
             order.push(s);
         }
         assert_eq!(order.iter().filter(|s| **s == idle).count(), 3);
+    }
+
+    /// Tasks handed over at enqueue while a scope was out of the round leave
+    /// no debt: when it next has a backlog it starts level with the others.
+    #[test]
+    fn hand_offs_outside_the_round_leave_no_debt() {
+        let (a, b) = (tenant("a"), tenant("b"));
+        let lead = 64 * VTASK;
+        let mut r = Rounds::default();
+        r.enter(&b);
+        for _ in 0..10_000 {
+            r.charge_hand_off(&a, 1);
+        }
+        r.enter(&a);
+        assert_eq!(r.vtime_of(&a), r.vtime_of(&b));
+        assert_eq!(r.take(lead), Some(b.clone()));
+        assert_eq!(r.take(lead), Some(a.clone()), "a is not held back");
+        // In the round, a hand-off is charged like a claim.
+        let before = r.vtime_of(&a);
+        r.charge_hand_off(&a, 2);
+        assert_eq!(r.vtime_of(&a), before + VTASK / 2);
+    }
+
+    /// A scope whose turns hand out nothing (its workers match none of its
+    /// tasks, say) does not hold the others back while it stays in the
+    /// round.
+    #[test]
+    fn an_empty_turn_does_not_hold_others_back() {
+        let (stuck, busy) = (tenant("stuck"), tenant("busy"));
+        let lead = 64 * VTASK;
+        let mut r = Rounds::default();
+        r.enter(&stuck);
+        r.enter(&busy);
+        for _ in 0..50 {
+            let s = r.take(lead).expect("a scope is eligible");
+            let handed = if s == busy { 64 } else { 0 };
+            r.end_turn(&s, handed, 1);
+            r.requeue(&s);
+        }
+        assert!(
+            r.vtime_of(&busy) >= 24 * 64 * VTASK,
+            "busy was held back: {}",
+            r.vtime_of(&busy) / VTASK
+        );
     }
 
     /// A scope more than a quantum ahead waits while another is served,

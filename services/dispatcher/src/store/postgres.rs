@@ -1080,10 +1080,18 @@ async fn run_batcher(pool: PgPool, waiting: Arc<Mutex<mpsc::Receiver<Batched>>>)
 }
 
 /// Whether a batched statement's failure may be one row's fault (a duplicate
-/// id, a value the server refuses), so that its calls are worth running
-/// alone; otherwise (the pool, the connection) each call gets the failure.
+/// id, a value the server refuses: SQLSTATE classes 22 and 23), so that its
+/// calls are worth running alone; otherwise (the pool, the connection, a
+/// timeout, a read-only failover) each call gets the failure rather than up
+/// to a batch's worth of statements failing the same way one by one.
 fn row_may_be_at_fault(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(_) | sqlx::Error::Encode(_))
+    match e {
+        sqlx::Error::Encode(_) => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
 }
 
 /// The error each call of a failed batched statement gets.
