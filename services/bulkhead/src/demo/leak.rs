@@ -386,6 +386,20 @@ impl Control {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()?;
+        // Until the child has exec'd `sleep`, its /proc environ is still the
+        // parent's copy without the canary (a scan under load read that and
+        // missed it). Its cmdline changes with the exec.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut child = child;
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"sleep\0")) {
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the control process did not start within 5 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let dir = tempfile::Builder::new()
             .prefix("bulkhead-demo-control-")
             .tempdir()?;
