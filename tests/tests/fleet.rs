@@ -75,12 +75,20 @@ impl Fleet {
     }
 
     async fn start_with_lease(lease: Option<(i64, i64)>) -> anyhow::Result<Self> {
+        let mut fleet = toml::Table::new();
+        if let Some((lease_ms, heartbeat_ms)) = lease {
+            fleet.insert("lease_ms".into(), toml::Value::Integer(lease_ms));
+            fleet.insert("heartbeat_ms".into(), toml::Value::Integer(heartbeat_ms));
+            fleet.insert("reaper_ms".into(), toml::Value::Integer(100));
+        }
+        Self::start_with_fleet(fleet).await
+    }
+
+    /// A mesh whose dispatcher's `[fleet]` section has these settings (none
+    /// if empty).
+    async fn start_with_fleet(fleet: toml::Table) -> anyhow::Result<Self> {
         let mesh = TestMesh::start_with(|spec| {
-            if let Some((lease_ms, heartbeat_ms)) = lease {
-                let mut fleet = toml::Table::new();
-                fleet.insert("lease_ms".into(), toml::Value::Integer(lease_ms));
-                fleet.insert("heartbeat_ms".into(), toml::Value::Integer(heartbeat_ms));
-                fleet.insert("reaper_ms".into(), toml::Value::Integer(100));
+            if !fleet.is_empty() {
                 let mut extra = toml::Table::new();
                 extra.insert("fleet".into(), toml::Value::Table(fleet));
                 spec.extra.insert("dispatcher".into(), extra);
@@ -2840,5 +2848,389 @@ async fn a_python_backend_enqueues_and_follows_its_task_with_a_tenant_certificat
                 && attr(e, "method").ends_with("Enqueue")
         })
         .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 11. A task exists once audit holds its enqueue
+
+/// How long a settling dispatcher may take to settle what a crash left held.
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn new_task_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Fleet {
+    /// The dispatcher's default store: `<data_dir>/dispatcher.db`.
+    fn dispatcher_db(&self) -> PathBuf {
+        self.mesh
+            .dir()
+            .join("data")
+            .join("dispatcher")
+            .join("dispatcher.db")
+    }
+
+    /// Runs `sql` on the dispatcher's store (read-only unless `write`, which
+    /// may hold several statements); the rows, one a line, columns separated
+    /// by `|`.
+    async fn store_sql(&self, sql: &str, write: bool) -> anyhow::Result<Vec<String>> {
+        use rusqlite::{Connection, OpenFlags, types::ValueRef};
+        let path = self.dispatcher_db();
+        let sql = sql.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let flags = if write {
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+            } else {
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+            };
+            let conn = Connection::open_with_flags(&path, flags)?;
+            conn.busy_timeout(Duration::from_secs(5))?;
+            if write {
+                conn.execute_batch(&sql)
+                    .with_context(|| format!("{sql:?}"))?;
+                return Ok(Vec::new());
+            }
+            let mut stmt = conn.prepare(&sql).with_context(|| format!("{sql:?}"))?;
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([])?;
+            let mut lines = Vec::new();
+            while let Some(row) = rows.next()? {
+                let cells = (0..columns)
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            ValueRef::Null => String::new(),
+                            ValueRef::Integer(n) => n.to_string(),
+                            ValueRef::Real(x) => x.to_string(),
+                            ValueRef::Text(t) | ValueRef::Blob(t) => {
+                                String::from_utf8_lossy(t).into_owned()
+                            }
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                lines.push(cells.join("|"));
+            }
+            Ok(lines)
+        })
+        .await?
+    }
+
+    /// The `task_id|status` of every row the dispatcher's store holds as held.
+    async fn held_rows(&self) -> anyhow::Result<Vec<String>> {
+        self.store_sql(
+            "SELECT task_id, status FROM tasks WHERE status = 'held'",
+            false,
+        )
+        .await
+    }
+
+    /// Waits until `sql` (one number) answers `want`.
+    async fn wait_store_count(
+        &self,
+        sql: &str,
+        want: u64,
+        within: Duration,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let rows = self.store_sql(sql, false).await?;
+            if rows.len() == 1 && rows[0].trim().parse::<u64>().ok() == Some(want) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: {sql:?} answered {rows:?}, not {want}; held rows: {:?}\n{}",
+                self.held_rows().await,
+                self.logs()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// With audit down, Enqueue is refused UNAVAILABLE although a worker of the
+/// tenant waits for work (the hand-off path): no task appears to the tenant
+/// or the operator, no row is left in the dispatcher's store, the waiting
+/// worker is handed nothing. With audit back, the next Enqueue is a task
+/// like any other and runs: nothing was left wedged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_audit_cannot_record_is_refused_and_leaves_no_task() -> anyhow::Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let agent = fleet.echo_agent().await?;
+    let w = fleet.start_worker("acme", "", "acme-1", "").await?;
+    let mut acme = fleet.client("acme")?;
+    let mut op = fleet.operator()?;
+
+    fleet
+        .mesh
+        .mesh
+        .process_mut("audit")
+        .context("no audit process")?
+        .kill()
+        .await;
+    let r = acme
+        .enqueue(enqueue_req("acme", agent, "never\n", &[]))
+        .await;
+    let refusal = refused(r, Code::Unavailable, "enqueue with audit down");
+    if let Err(e) = refusal {
+        anyhow::bail!("{e}\n{}", fleet.logs());
+    }
+    fleet.mesh.mesh.restart("audit").await?;
+
+    for (who, client) in [("the operator", &mut op), ("acme", &mut acme)] {
+        let tasks = list_tasks(client, "acme").await?;
+        ensure!(
+            tasks.is_empty(),
+            "{who} lists a task audit never recorded: {tasks:?}\n{}",
+            fleet.logs()
+        );
+    }
+    {
+        // The refused enqueue's row may be deleted just after the refusal.
+        fleet
+            .wait_store_count(
+                "SELECT COUNT(*) FROM tasks",
+                0,
+                Duration::from_secs(5),
+                "the refused enqueue left a row",
+            )
+            .await?;
+        let held = fleet.held_rows().await?;
+        ensure!(held.is_empty(), "held rows remain: {held:?}");
+    }
+
+    // Audit is back: the next enqueue is a task, and it runs. The dispatcher's
+    // channel to audit may take a moment to reconnect; only UNAVAILABLE is
+    // retried, and every refusal must leave nothing either.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let task_id = loop {
+        match acme
+            .enqueue(enqueue_req("acme", agent, "after\n", &[]))
+            .await
+        {
+            Ok(r) => break r.into_inner().task_id,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => anyhow::bail!(
+                "enqueue with audit back up was refused: {s:?}\n{}",
+                fleet.logs()
+            ),
+        }
+    };
+    let done = fleet.wait_succeeded(&mut acme, "acme", &task_id).await?;
+    ensure!(
+        done.worker_id == w && done.output_summary == "after\ndone\n",
+        "{done:?}\n{}",
+        fleet.logs()
+    );
+    let tasks = list_tasks(&mut op, "acme").await?;
+    ensure!(
+        tasks.len() == 1 && tasks[0].task_id == task_id,
+        "only the recorded task exists: {tasks:?}\n{}",
+        fleet.logs()
+    );
+
+    let mut audit = fleet.audit()?;
+    let enqueued = audit.events("task.enqueued").await?;
+    ensure!(
+        enqueued.len() == 1 && attr(&enqueued[0], "task_id") == task_id,
+        "one record, of the task that exists: {enqueued:?}"
+    );
+    let claimed = audit.events("task.claimed").await?;
+    ensure!(
+        claimed
+            .iter()
+            .all(|e| attr(e, "task_id") == task_id && attr(e, "worker_id") == w),
+        "the waiting worker was handed only the recorded task: {claimed:?}"
+    );
+    let held = fleet.held_rows().await?;
+    ensure!(held.is_empty(), "held rows remain: {held:?}");
+    Ok(())
+}
+
+/// A dispatcher killed between inserting held tasks and learning their fate
+/// (two held rows, written into its store while it is down): R, whose
+/// `task.enqueued` the dispatcher had recorded in audit, and U, whose record
+/// never made it. Restarted with `held_grace_ms = 1000`, its settling pass
+/// asks audit: R becomes a queued task that a worker of its tenant runs;
+/// U is deleted and was never visible. Nothing is recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_tasks_left_by_a_crash_are_settled_against_audit() -> anyhow::Result<()> {
+    let mut grace = toml::Table::new();
+    grace.insert("held_grace_ms".into(), toml::Value::Integer(1000));
+    let mut fleet = Fleet::start_with_fleet(grace).await?;
+    let agent = fleet.echo_agent().await?;
+    let w = fleet.start_worker("acme", "", "acme-1", "").await?;
+    let mut acme = fleet.client("acme")?;
+    let first = enqueue(&mut acme, enqueue_req("acme", agent, "settle\n", &[])).await?;
+    fleet.wait_succeeded(&mut acme, "acme", &first).await?;
+    let mut audit = fleet.audit()?;
+    let model = audit.of_task("task.enqueued", &first).await?;
+    ensure!(model.len() == 1, "{model:?}");
+    let model = model.into_iter().next().context("no record")?;
+    let dispatcher_id = format!("{TD}/service/dispatcher");
+    ensure!(model.actor == dispatcher_id, "{model:?}");
+
+    fleet
+        .mesh
+        .mesh
+        .process_mut("dispatcher")
+        .context("no dispatcher")?
+        .kill()
+        .await;
+    let (recorded, unrecorded) = (new_task_id(), new_task_id());
+    let now = now_ms();
+    let copy = |id: &str| {
+        format!(
+            "INSERT INTO tasks (task_id, tenant, pool, agent, agent_version, labels, cascade, \
+             secret_keys, payload, priority, idempotency_key, request_hash, status, \
+             status_reason, attempt, max_attempts, lease_epoch, worker_id, run_id, \
+             lease_expires_at_ms, deadline_at_ms, timeout_ms, outcome, exit_code, \
+             output_summary, created_at_ms, updated_at_ms, finished_at_ms) \
+             SELECT '{id}', tenant, pool, agent, agent_version, labels, cascade, secret_keys, \
+             payload, priority, '', request_hash, 'held', '', 0, max_attempts, 0, '', '', \
+             NULL, NULL, timeout_ms, 0, 0, '', {now}, {now}, NULL \
+             FROM tasks WHERE task_id = '{first}';"
+        )
+    };
+    fleet
+        .store_sql(&format!("{}{}", copy(&recorded), copy(&unrecorded)), true)
+        .await?;
+    let mut held = fleet.held_rows().await?;
+    held.sort_unstable();
+    let mut want = vec![format!("{recorded}|held"), format!("{unrecorded}|held")];
+    want.sort_unstable();
+    ensure!(held == want, "the crash's held rows: {held:?}");
+
+    // The dispatcher had recorded R before it died (as itself: the settling
+    // pass trusts only its own records).
+    let mut as_dispatcher = AuditServiceClient::new(
+        fleet
+            .mesh
+            .channel("audit", &fleet.mesh.identity("service/dispatcher")?)?,
+    );
+    let mut attributes = model.attributes.clone();
+    attributes.insert("task_id".into(), recorded.clone());
+    as_dispatcher
+        .append(audit_pb::AppendRequest {
+            events: vec![audit_pb::NewEvent {
+                r#type: model.r#type.clone(),
+                tenant: model.tenant.clone(),
+                run_id: String::new(),
+                outcome: model.outcome,
+                attributes,
+            }],
+        })
+        .await
+        .context("append R's record as the dispatcher")?;
+
+    fleet.mesh.mesh.restart("dispatcher").await?;
+    let mut acme = fleet.client("acme")?;
+    let mut op = fleet.operator()?;
+
+    // R: held (NOT_FOUND) until settled, then a task that runs.
+    let deadline = Instant::now() + SETTLE;
+    let done = loop {
+        match acme
+            .get_task(pb::GetTaskRequest {
+                tenant: "acme".into(),
+                task_id: recorded.clone(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let t = r.into_inner().task.context("no task")?;
+                if is_final(t.status()) {
+                    break t;
+                }
+            }
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => anyhow::bail!("get task R: {s:?}\n{}", fleet.logs()),
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "R, recorded in audit, never ran; held rows: {:?}\n{}",
+            fleet.held_rows().await,
+            fleet.logs()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    ensure!(
+        done.status() == pb::TaskStatus::Succeeded
+            && done.tenant == "acme"
+            && done.worker_id == w
+            && done.attempt == 1
+            && done.output_summary == "settle\ndone\n",
+        "R must run once on acme's worker: {done:?}\n{}",
+        fleet.logs()
+    );
+
+    // U: deleted, and never seen.
+    fleet
+        .wait_store_count(
+            &format!("SELECT COUNT(*) FROM tasks WHERE task_id = '{unrecorded}'"),
+            0,
+            SETTLE,
+            "U, never recorded, is still in the store",
+        )
+        .await?;
+    let r = acme
+        .get_task(pb::GetTaskRequest {
+            tenant: "acme".into(),
+            task_id: unrecorded.clone(),
+        })
+        .await;
+    refused(r, Code::NotFound, "get task U")?;
+    let r = acme
+        .cancel_task(pb::CancelTaskRequest {
+            tenant: "acme".into(),
+            task_id: unrecorded.clone(),
+            reason: "never was".into(),
+        })
+        .await;
+    refused(r, Code::NotFound, "cancel task U")?;
+    for (who, client) in [("the operator", &mut op), ("acme", &mut acme)] {
+        let mut ids: Vec<String> = list_tasks(client, "acme")
+            .await?
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        ids.sort_unstable();
+        let mut want = vec![first.clone(), recorded.clone()];
+        want.sort_unstable();
+        ensure!(ids == want, "{who} lists {ids:?}\n{}", fleet.logs());
+    }
+    let held = fleet.held_rows().await?;
+    ensure!(
+        held.is_empty(),
+        "held rows remain: {held:?}\n{}",
+        fleet.logs()
+    );
+    let row = fleet
+        .store_sql(
+            &format!("SELECT status FROM tasks WHERE task_id = '{recorded}'"),
+            false,
+        )
+        .await?;
+    ensure!(row == ["succeeded"], "R's row: {row:?}");
+
+    // Settling records nothing: R keeps its one record, U has none, and R
+    // was claimed once, by acme's worker.
+    let r_enqueued = audit.of_task("task.enqueued", &recorded).await?;
+    ensure!(
+        r_enqueued.len() == 1 && r_enqueued[0].actor == dispatcher_id,
+        "{r_enqueued:?}"
+    );
+    let u_enqueued = audit.of_task("task.enqueued", &unrecorded).await?;
+    ensure!(u_enqueued.is_empty(), "{u_enqueued:?}");
+    let claimed = audit.of_task("task.claimed", &recorded).await?;
+    ensure!(
+        claimed.len() == 1 && attr(&claimed[0], "worker_id") == w,
+        "{claimed:?}"
+    );
+    let u_claimed = audit.of_task("task.claimed", &unrecorded).await?;
+    ensure!(u_claimed.is_empty(), "{u_claimed:?}");
     Ok(())
 }

@@ -34,10 +34,16 @@ pub static RULES: &[Rule] = &[
         ],
     ),
     // Sealed-vault reads back its own resolutions at start, to replay the
-    // run holdings a power cut may have taken from its store.
+    // run holdings a power cut may have taken from its store; the dispatcher
+    // reads back its own enqueues, to settle tasks a crash left held.
     Rule::new(
         "Query",
-        &[who::OPERATOR, who::TENANT_CLIENT, who::SEALED_VAULT],
+        &[
+            who::OPERATOR,
+            who::TENANT_CLIENT,
+            who::SEALED_VAULT,
+            who::DISPATCHER,
+        ],
     )
     .tenant_scoped(),
     Rule::new("Tail", &[who::OPERATOR, who::TENANT_CLIENT]).tenant_scoped(),

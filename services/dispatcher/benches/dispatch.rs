@@ -61,8 +61,8 @@ use bulkhead_dispatcher::config::FleetConfig;
 use bulkhead_dispatcher::engine::{Engine, Parts};
 use bulkhead_dispatcher::model::{AgentRow, AgentStatus, Scope, TaskRow, WorkerRow, WorkerState};
 use bulkhead_dispatcher::store::{
-    self, Cancelled, ClaimBatch, ClaimOne, Decision, DispatchStore, Finish, Finished, Inserted,
-    Released, StoreError, TaskFilter, WorkerFilter,
+    self, Cancelled, ClaimBatch, ClaimOne, Committed, Decision, DispatchStore, Finish, Finished,
+    Inserted, Released, StoreError, TaskFilter, WorkerFilter,
 };
 use bulkhead_dispatcher::wake::Wake;
 use bulkhead_identity::keys::JwtKeys;
@@ -656,6 +656,24 @@ impl DispatchStore for TimedStore {
         self.t("queued_scopes", self.inner.queued_scopes(), none)
             .await
     }
+    /// Timed until the release is ordered (what the enqueue waits for before
+    /// it pushes or wakes), not until it commits.
+    async fn release_held(&self, after: &TaskRow) -> Result<Committed, StoreError> {
+        self.t("release_held", self.inner.release_held(after), none)
+            .await
+    }
+    async fn held_before(&self, before_ms: i64, limit: u32) -> Result<Vec<TaskRow>, StoreError> {
+        self.t(
+            "held_before",
+            self.inner.held_before(before_ms, limit),
+            |v: &Vec<TaskRow>| v.len() as u64,
+        )
+        .await
+    }
+    async fn delete_held(&self, task_id: &str) -> Result<bool, StoreError> {
+        self.t("delete_held", self.inner.delete_held(task_id), none)
+            .await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -890,6 +908,7 @@ async fn start_stack(pki: &Pki, store_url: Option<String>) -> anyhow::Result<Sta
         Parts {
             store,
             audit,
+            actor: pki.dispatcher.spiffe_id().to_string(),
             identity: IdentityServiceClient::new(channel(&peers.identity_addr, "identity")?),
             fleet: FleetConfig {
                 hand_off: env_u64("DISPATCH_BENCH_HAND_OFF", 1)? != 0,

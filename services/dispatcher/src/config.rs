@@ -55,6 +55,16 @@ pub struct FleetConfig {
     /// `Engine::enqueue`). Off: every task is queued and claimed.
     #[serde(default = "default_hand_off")]
     pub hand_off: bool,
+    /// How long a task may stay held (inserted while its enqueue is being
+    /// recorded in audit) before the settling pass takes it for the leftover
+    /// of a crash and settles it against audit, milliseconds. Far above an
+    /// Append's timeout (5 s); the pass runs every half of it (at most 30 s).
+    #[serde(default = "default_held_grace_ms")]
+    pub held_grace_ms: u64,
+}
+
+fn default_held_grace_ms() -> u64 {
+    60_000
 }
 
 fn default_hand_off() -> bool {
@@ -79,6 +89,7 @@ impl Default for FleetConfig {
             quantum: 64,
             schedulers: default_schedulers(),
             hand_off: default_hand_off(),
+            held_grace_ms: default_held_grace_ms(),
         }
     }
 }

@@ -6,7 +6,7 @@ use bulkhead_proto::dispatcher::v1 as pb;
 use bulkhead_proto::sealed::v1 as sealed;
 use prost::Message;
 
-use crate::model::{AgentRow, Labels, Scope, TaskRow, WorkerRow};
+use crate::model::{AgentRow, Labels, Scope, TaskRow, TaskStatus, WorkerRow};
 
 pub const MAX_LABELS: usize = 64;
 const MAX_LABEL_KEY: usize = 128;
@@ -369,7 +369,11 @@ pub fn task(row: &TaskRow, with_payload: bool) -> pb::Task {
         payload_size: row.payload_size,
         priority: row.priority,
         idempotency_key: row.idempotency_key.clone(),
-        status: row.status as i32,
+        // Nobody is shown a held task; were one shown, it would be queued.
+        status: match row.status {
+            TaskStatus::Held => TaskStatus::Queued as i32,
+            s => s as i32,
+        },
         status_reason: row.status_reason.clone(),
         attempt: row.attempt,
         max_attempts: row.max_attempts,

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bulkhead_mesh::audit::{AuditClient, event};
 use bulkhead_mesh::client::MeshChannel;
 use bulkhead_mesh::error::Error;
-use bulkhead_proto::audit::v1::Outcome as AuditOutcome;
+use bulkhead_proto::audit::v1::{NewEvent, Outcome as AuditOutcome, QueryRequest};
 use bulkhead_proto::dispatcher::v1 as pb;
 use bulkhead_proto::identity::v1 as idpb;
 use bulkhead_proto::identity::v1::identity_service_client::IdentityServiceClient;
@@ -37,7 +37,7 @@ use tonic::Status;
 use crate::config::FleetConfig;
 use crate::convert;
 use crate::model::{AgentRow, Labels, Outcome, Scope, TaskRow, TaskStatus, now_ms};
-use crate::store::{ClaimBatch, DispatchStore, Inserted, Released};
+use crate::store::{ClaimBatch, DispatchStore, Inserted, Released, StoreError};
 use crate::wake::Wake;
 
 /// What the engine sends down a claim stream.
@@ -213,10 +213,38 @@ pub struct WorkerIdent {
     pub scope: Scope,
 }
 
+/// The audit event of an enqueue.
+pub const ENQUEUED: &str = "task.enqueued";
+
+/// How far around a held task's creation its `task.enqueued` record is
+/// looked for: an Append's timeout and clock skew, generously.
+const SETTLE_MARGIN_MS: i64 = 5 * 60 * 1000;
+
+/// Why an enqueue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// Audit could not record it: nothing was enqueued.
+    #[error(transparent)]
+    Audit(Error),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What a settling pass did (see `Engine::settle_held`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub queued: usize,
+    pub deleted: usize,
+}
+
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn DispatchStore>,
     audit: AuditClient,
+    /// This dispatcher's SPIFFE ID: the actor of what it records in audit.
+    actor: String,
     identity: IdentityServiceClient<MeshChannel>,
     fleet: FleetConfig,
     conns: Mutex<Conns>,
@@ -239,6 +267,8 @@ pub struct Engine {
 pub struct Parts {
     pub store: Arc<dyn DispatchStore>,
     pub audit: AuditClient,
+    /// This dispatcher's own SPIFFE ID (it reads back its own audit events).
+    pub actor: String,
     pub identity: IdentityServiceClient<MeshChannel>,
     pub fleet: FleetConfig,
     pub wake: Wake,
@@ -255,6 +285,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 store: parts.store,
                 audit: parts.audit,
+                actor: parts.actor,
                 identity: parts.identity,
                 fleet: parts.fleet,
                 conns: Mutex::new(Conns::default()),
@@ -271,6 +302,7 @@ impl Engine {
             tokio::spawn(engine.clone().schedule(stop.clone()));
         }
         tokio::spawn(engine.clone().reap(stop.clone()));
+        tokio::spawn(engine.clone().settle(stop.clone()));
         tokio::spawn(engine.clone().poll(stop.clone()));
         tokio::spawn(engine.clone().listen(stop.clone()));
         tokio::spawn(engine.clone().drain_on_shutdown(stop));
@@ -629,72 +661,282 @@ impl Engine {
         self.inner.work.notify_waiters();
     }
 
-    // ---- hand-off at enqueue --------------------------------------------------
+    // ---- enqueue ----------------------------------------------------------------
 
-    /// Puts a new task in the store. When a worker of its scope on this
-    /// replica has a free slot, matches its labels and found nothing to take
-    /// at its last claim (so no queued task waits for it), the task goes in
-    /// already assigned to that worker and is pushed to it at once: the
-    /// scheduler's claim, a write and a wake-up, is saved. The slot is taken
-    /// first, as the scheduler takes slots before it claims, so the two never
-    /// fill one slot twice, and the scope's share is charged. Otherwise the
-    /// task is queued and the scheduler is woken.
+    /// Puts a new task in the store, recording `record` (its `task.enqueued`
+    /// event) in audit at the same time: the task is inserted *held* (see
+    /// `TaskStatus::Held`) while audit writes, and released once both are
+    /// durable, so that an Enqueue waits for the slower of the two commits
+    /// instead of both in a row. A task audit could not record is deleted
+    /// and the Enqueue fails; one a crash left held is settled against audit
+    /// later (`settle_held`). With an idempotency key the insert goes first,
+    /// so that audit records only a task that was inserted.
+    ///
+    /// When a worker of its scope on this replica has a free slot, matches
+    /// its labels and found nothing to take at its last claim (so no queued
+    /// task waits for it), the task is released already assigned to that
+    /// worker and pushed to it at once: the scheduler's claim, a write and a
+    /// wake-up, is saved. The slot is taken first, as the scheduler takes
+    /// slots before it claims, so the two never fill one slot twice, and the
+    /// scope's share is charged. Otherwise the task is queued and the
+    /// scheduler is woken.
     pub async fn enqueue(
         &self,
         mut row: TaskRow,
         dedup_since_ms: i64,
-    ) -> Result<Inserted, crate::store::StoreError> {
+        record: NewEvent,
+    ) -> Result<Inserted, EnqueueError> {
         let slot = if self.inner.fleet.hand_off {
             self.slot_for(&row.scope, &row.labels)
         } else {
             None
         };
-        let Some((worker_id, generation)) = slot else {
-            let inserted = self.inner.store.insert_task(&row, dedup_since_ms).await?;
-            if let Inserted::New(t) = &inserted {
-                self.announce(&t.scope);
-            }
-            return Ok(inserted);
-        };
-        // As a claim would set them, the lease counted from now.
-        let now = now_ms();
-        row.updated_at_ms = now;
-        row.status = TaskStatus::Assigned;
-        row.attempt = 1;
-        row.lease_epoch = 1;
-        row.worker_id = worker_id.clone();
-        row.lease_expires_at_ms = Some(now.saturating_add(self.lease_ms()));
-        row.deadline_at_ms = Some(now.saturating_add(row.timeout_ms));
+        row.status = TaskStatus::Held;
+        if let Some((worker_id, _)) = &slot {
+            // As a claim would set them; the lease is set at the release.
+            row.attempt = 1;
+            row.lease_epoch = 1;
+            row.worker_id = worker_id.clone();
+        }
         let engine = self.clone();
-        // Spawned, so that the slot comes back if the insert fails even when
-        // the caller has gone away.
+        // Spawned, so that once under way the enqueue ends the same whether
+        // or not its caller waits: a slot comes back, a task audit did not
+        // record is deleted.
         tokio::spawn(async move {
-            let inserted = engine.inner.store.insert_task(&row, dedup_since_ms).await;
-            let handed = match &inserted {
-                Ok(Inserted::New(t)) => Some(t.clone()),
-                Ok(Inserted::Existing(_)) => None,
-                // The insert may have committed all the same (its answer was
-                // lost): a task left assigned and never pushed would only burn
-                // an attempt when its lease lapsed.
-                Err(_) => match engine.inner.store.get_task(&row.task_id).await {
-                    Ok(Some(t)) if t.worker_id == worker_id && t.lease_epoch == row.lease_epoch => {
-                        Some(t)
-                    }
-                    _ => None,
-                },
-            };
-            match handed {
-                Some(t) => {
-                    let weight = engine.weight(&t.scope);
-                    lock(&engine.inner.rounds).charge_hand_off(&t.scope, weight);
-                    engine.deliver(&worker_id, generation, t).await;
-                }
-                None => engine.give_slots_back(&worker_id, generation, 1),
+            let result = engine
+                .enqueue_held(row, dedup_since_ms, record, slot.as_ref())
+                .await;
+            if result.is_err()
+                && let Some((worker_id, generation)) = &slot
+            {
+                engine.give_slots_back(worker_id, *generation, 1);
             }
-            inserted
+            result
         })
         .await
-        .map_err(|e| crate::store::StoreError::Corrupt(format!("the enqueue task failed: {e}")))?
+        .map_err(|e| EnqueueError::Internal(format!("the enqueue task failed: {e}")))?
+    }
+
+    async fn enqueue_held(
+        &self,
+        row: TaskRow,
+        dedup_since_ms: i64,
+        record: NewEvent,
+        slot: Option<&(String, u64)>,
+    ) -> Result<Inserted, EnqueueError> {
+        let audit = &self.inner.audit;
+        let (inserted, recorded) = if row.idempotency_key.is_empty() {
+            let (inserted, recorded) = tokio::join!(
+                self.insert_held(&row, dedup_since_ms),
+                audit.record_one(record)
+            );
+            (inserted, recorded.map(drop))
+        } else {
+            match self.insert_held(&row, dedup_since_ms).await {
+                Ok(Inserted::New(t)) => (
+                    Ok(Inserted::New(t)),
+                    audit.record_one(record).await.map(drop),
+                ),
+                other => (other, Ok(())),
+            }
+        };
+        let held = match inserted {
+            Ok(Inserted::New(t)) => t,
+            Ok(Inserted::Existing(t)) => {
+                if let Some((worker_id, generation)) = slot {
+                    self.give_slots_back(worker_id, *generation, 1);
+                }
+                return Ok(Inserted::Existing(t));
+            }
+            Err(e) => {
+                if recorded.is_ok() {
+                    tracing::warn!(task = %row.task_id, error = %e,
+                        "task.enqueued was recorded but the task could not be inserted");
+                }
+                return Err(EnqueueError::Store(e));
+            }
+        };
+        if let Err(e) = recorded {
+            // Not recorded, so not enqueued.
+            if let Err(error) = self.inner.store.delete_held(&held.task_id).await {
+                tracing::warn!(task = %held.task_id, %error,
+                    "an unrecorded task stays held until the settling pass deletes it");
+            }
+            return Err(EnqueueError::Audit(e));
+        }
+        let now = now_ms();
+        let mut task = held;
+        task.updated_at_ms = now;
+        if slot.is_some() {
+            // As a claim would set them, the lease counted from now.
+            task.status = TaskStatus::Assigned;
+            task.lease_expires_at_ms = Some(now.saturating_add(self.lease_ms()));
+            task.deadline_at_ms = Some(now.saturating_add(task.timeout_ms));
+        } else {
+            task.status = TaskStatus::Queued;
+        }
+        // If this fails, audit holds the record and the store the held task:
+        // the settling pass queues it. The caller is told the enqueue failed
+        // and may enqueue again; its idempotency key, if any, keeps that from
+        // running the task twice.
+        let committed = self
+            .inner
+            .store
+            .release_held(&task)
+            .await
+            .map_err(EnqueueError::Store)?;
+        match slot {
+            Some((worker_id, generation)) => {
+                let weight = self.weight(&task.scope);
+                lock(&self.inner.rounds).charge_hand_off(&task.scope, weight);
+                self.deliver(worker_id, *generation, task.clone()).await;
+            }
+            None => self.announce(&task.scope),
+        }
+        match committed.await {
+            Ok(true) => Ok(Inserted::New(task)),
+            // Only a settling pass touches held tasks, and only long after
+            // their enqueue should have ended.
+            Ok(false) => Err(EnqueueError::Internal(format!(
+                "task {} was settled while its enqueue was still under way",
+                task.task_id
+            ))),
+            Err(e) => Err(EnqueueError::Store(e)),
+        }
+    }
+
+    /// Inserts a held task. The insert may have committed even when its
+    /// answer was lost: then the row is there, and it is this insert's (task
+    /// ids are new).
+    async fn insert_held(
+        &self,
+        row: &TaskRow,
+        dedup_since_ms: i64,
+    ) -> Result<Inserted, StoreError> {
+        let store = &self.inner.store;
+        match store.insert_task(row, dedup_since_ms).await {
+            Err(e) => match store.get_task(&row.task_id).await {
+                Ok(Some(t)) if t.status == TaskStatus::Held => Ok(Inserted::New(t)),
+                _ => Err(e),
+            },
+            inserted => inserted,
+        }
+    }
+
+    // ---- settling held tasks ------------------------------------------------
+
+    async fn settle(self, stop: CancellationToken) {
+        let grace = self.inner.fleet.held_grace_ms;
+        let every = Duration::from_millis((grace / 2).clamp(100, 30_000));
+        loop {
+            match self.settle_held().await {
+                Ok(settled) if settled.queued + settled.deleted > 0 => {
+                    tracing::info!(
+                        queued = settled.queued,
+                        deleted = settled.deleted,
+                        "settled tasks a crash left held against audit"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot settle held tasks yet"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Settles up to 500 tasks held for longer than `held_grace_ms` (their
+    /// enqueue ended without releasing them: a crash, or a store that failed
+    /// at the release) against this dispatcher's own `task.enqueued` records
+    /// in audit: a recorded task is queued (one that was being handed off
+    /// too: its worker may be gone), an unrecorded one deleted.
+    pub async fn settle_held(&self) -> Result<Settled, String> {
+        let grace = i64::try_from(self.inner.fleet.held_grace_ms).unwrap_or(i64::MAX);
+        let store = &self.inner.store;
+        let held = store
+            .held_before(now_ms().saturating_sub(grace), 500)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (Some(first), Some(last)) = (held.first(), held.last()) else {
+            return Ok(Settled::default());
+        };
+        // The record was appended while the row was fresh: within an
+        // Append's timeout of its creation, give or take the clocks.
+        let from = first.created_at_ms.saturating_sub(SETTLE_MARGIN_MS);
+        let to = last.created_at_ms.saturating_add(SETTLE_MARGIN_MS);
+        let recorded = self.enqueues_recorded(from, to).await?;
+        let mut settled = Settled::default();
+        for t in held {
+            if recorded.contains(&t.task_id) {
+                let now = now_ms();
+                let after = TaskRow {
+                    status: TaskStatus::Queued,
+                    worker_id: String::new(),
+                    attempt: 0,
+                    lease_expires_at_ms: None,
+                    deadline_at_ms: None,
+                    updated_at_ms: now,
+                    ..t
+                };
+                let committed = store
+                    .release_held(&after)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if committed.await.map_err(|e| e.to_string())? {
+                    settled.queued += 1;
+                    self.announce(&after.scope);
+                    self.changed(&after.task_id);
+                }
+            } else if store
+                .delete_held(&t.task_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                tracing::info!(task = %t.task_id, "deleted a held task audit has no record of");
+                settled.deleted += 1;
+            }
+        }
+        Ok(settled)
+    }
+
+    /// The task ids of this dispatcher's `task.enqueued` records from `from`
+    /// to `to` (milliseconds).
+    async fn enqueues_recorded(&self, from: i64, to: i64) -> Result<HashSet<String>, String> {
+        let ts = |ms: i64| prost_types::Timestamp {
+            seconds: ms.div_euclid(1000),
+            nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+        };
+        let mut ids = HashSet::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .inner
+                .audit
+                .query(QueryRequest {
+                    tenant: String::new(),
+                    type_prefix: ENQUEUED.to_owned(),
+                    run_id: String::new(),
+                    actor: self.inner.actor.clone(),
+                    start_time: Some(ts(from)),
+                    end_time: Some(ts(to)),
+                    after_sequence: after,
+                    limit: 1000,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            ids.extend(
+                page.events
+                    .into_iter()
+                    .filter(|e| e.r#type == ENQUEUED)
+                    .filter_map(|mut e| e.attributes.remove("task_id")),
+            );
+            if page.next_after_sequence == 0 {
+                return Ok(ids);
+            }
+            after = page.next_after_sequence;
+        }
     }
 
     /// Takes a slot of a worker that can take a task of `scope` with `labels`
@@ -1053,7 +1295,10 @@ impl Engine {
             || task.worker_id != who.worker_id
             || task.lease_epoch != lease_epoch
             || task.attempt != attempt
-            || task.status != TaskStatus::Assigned
+            // Held: a hand-off whose release is queued to the store but not
+            // yet committed (SQLite pushes it that early); `start_run`, a
+            // write, comes after the release and checks again.
+            || !matches!(task.status, TaskStatus::Assigned | TaskStatus::Held)
         {
             return Err(Error::FailedPrecondition(
                 "the attempt is not assigned to this worker at this lease epoch".into(),

@@ -86,12 +86,14 @@ async fn main() -> anyhow::Result<()> {
     // Identity's revocation list, enforced at every handshake and request.
     let revoked =
         bulkhead_mesh::service::follow_revocations(&config.mesh, &identity, &bundle, stop.clone())?;
+    let actor = identity.spiffe_id().to_string();
     let server = MeshServer::new("dispatcher", identity, bundle);
     let denials = Arc::new(service::AuditDenials::new(audit.clone()));
     let engine = Engine::start(
         Parts {
             store: Arc::clone(&store),
             audit,
+            actor,
             identity: identity_client,
             fleet: config.fleet.clone(),
             wake,

@@ -67,6 +67,12 @@ pub enum TaskStatus {
     Succeeded = 4,
     Failed = 5,
     Cancelled = 6,
+    /// Inserted while its enqueue is being recorded in audit: not yet a task.
+    /// Not claimable, not reaped, not listed, not cancellable; it becomes
+    /// queued (or assigned, when handed off at enqueue) once audit holds the
+    /// record, or is deleted if audit never does. Shown to nobody (the proto
+    /// has no such status).
+    Held = 7,
 }
 
 impl TaskStatus {
@@ -90,6 +96,7 @@ impl TaskStatus {
             TaskStatus::Succeeded => "succeeded",
             TaskStatus::Failed => "failed",
             TaskStatus::Cancelled => "cancelled",
+            TaskStatus::Held => "held",
         }
     }
 
@@ -101,6 +108,7 @@ impl TaskStatus {
             "succeeded" => TaskStatus::Succeeded,
             "failed" => TaskStatus::Failed,
             "cancelled" => TaskStatus::Cancelled,
+            "held" => TaskStatus::Held,
             _ => return None,
         })
     }

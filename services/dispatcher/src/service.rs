@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
-use crate::engine::{Engine, WorkerIdent, new_id};
+use crate::engine::{ENQUEUED, Engine, EnqueueError, WorkerIdent, new_id};
 use crate::model::{AgentStatus, Scope, TaskRow, TaskStatus, WorkerRow, WorkerState, now_ms};
 use crate::store::{Cancelled, ClaimBatch, ClaimOne, Decision, Inserted, TaskFilter, WorkerFilter};
 
@@ -475,24 +475,21 @@ impl DispatcherService for DispatcherApi {
         let secret_keys = self.snapshot(&spec, &agent).await?;
         let task_id = new_id();
         let (tenant, pool) = spec.scope.columns();
-        self.engine
-            .audit()
-            .record_one(event(
-                "task.enqueued",
-                tenant,
-                "",
-                AuditOutcome::Success,
-                [
-                    ("task_id", task_id.clone()),
-                    ("pool", pool.to_owned()),
-                    ("agent", format!("{}@{}", agent.name, agent.version)),
-                    ("secret_keys", secret_keys.join(",")),
-                    ("priority", spec.priority.to_string()),
-                    ("payload_size", spec.payload.len().to_string()),
-                    ("enqueued_by", caller.id.as_str().to_owned()),
-                ],
-            ))
-            .await?;
+        let record = event(
+            ENQUEUED,
+            tenant,
+            "",
+            AuditOutcome::Success,
+            [
+                ("task_id", task_id.clone()),
+                ("pool", pool.to_owned()),
+                ("agent", format!("{}@{}", agent.name, agent.version)),
+                ("secret_keys", secret_keys.join(",")),
+                ("priority", spec.priority.to_string()),
+                ("payload_size", spec.payload.len().to_string()),
+                ("enqueued_by", caller.id.as_str().to_owned()),
+            ],
+        );
         let row = TaskRow {
             seq: 0,
             task_id,
@@ -526,10 +523,16 @@ impl DispatcherService for DispatcherApi {
         };
         match self
             .engine
-            .enqueue(row, now - DEDUP_WINDOW_MS)
+            .enqueue(row, now - DEDUP_WINDOW_MS, record)
             .await
-            .map_err(storage)?
-        {
+            .map_err(|e| match e {
+                EnqueueError::Audit(e) => Status::from(e),
+                EnqueueError::Store(e) => storage(e),
+                EnqueueError::Internal(why) => {
+                    tracing::error!(%why, "an enqueue failed");
+                    Status::internal("the enqueue failed; it may be retried")
+                }
+            })? {
             Inserted::New(t) => Ok(Response::new(pb::EnqueueResponse {
                 task_id: t.task_id.clone(),
                 task: Some(convert::task(&t, false)),
@@ -995,7 +998,8 @@ impl DispatcherApi {
             .get_task(task_id)
             .await
             .map_err(storage)?
-            .filter(|t| visible(t, tenant, caller))
+            // A held task is not a task yet: its enqueue has not answered.
+            .filter(|t| t.status != TaskStatus::Held && visible(t, tenant, caller))
             .ok_or_else(|| Error::NotFound(format!("task {task_id}")).into())
     }
 
@@ -1161,7 +1165,12 @@ impl DispatcherApi {
 }
 
 fn dedup(t: TaskRow, request_hash: &[u8]) -> Result<Response<pb::EnqueueResponse>, Status> {
-    if t.request_hash == request_hash {
+    if t.status == TaskStatus::Held {
+        // Its enqueue may yet fail, and then the task is gone.
+        Err(Status::aborted(
+            "an enqueue with this idempotency key is still under way; retry",
+        ))
+    } else if t.request_hash == request_hash {
         Ok(Response::new(pb::EnqueueResponse {
             task_id: t.task_id.clone(),
             task: Some(convert::task(&t, false)),

@@ -147,6 +147,15 @@ conformance!(
     corrupt_rows,
     concurrent_inserts,
     concurrent_finishes,
+    held_rows,
+    held_invisible,
+    held_release,
+    held_release_fields,
+    held_release_refusals,
+    held_release_ordering,
+    held_release_race,
+    held_settling,
+    held_release_replica,
 );
 
 // ---- fixtures ---------------------------------------------------------------
@@ -1831,6 +1840,700 @@ async fn queued_counts(h: Harness) {
     let mut expected = vec![(tx, 2), (px, 2)];
     expected.sort();
     assert_eq!(counts, expected);
+}
+
+// ---- held tasks -------------------------------------------------------------
+
+/// A task held while its enqueue is being audited.
+fn held(id: &str, scope: &Scope) -> TaskRow {
+    TaskRow {
+        status: TaskStatus::Held,
+        ..task(id, scope)
+    }
+}
+
+/// A held task handed off to `worker` at enqueue: its first attempt is
+/// already leased.
+fn handed_off(id: &str, scope: &Scope, worker: &str) -> TaskRow {
+    TaskRow {
+        worker_id: worker.into(),
+        attempt: 1,
+        lease_epoch: 1,
+        lease_expires_at_ms: Some(NOW + LEASE),
+        deadline_at_ms: Some(NOW + TIMEOUT),
+        ..held(id, scope)
+    }
+}
+
+/// What the release of a held row at `at` asks: `status`, with the lease and
+/// deadline of an assignment at `at` (none when queued).
+fn releasing(held: &TaskRow, status: TaskStatus, at: i64) -> TaskRow {
+    let leased = status == TaskStatus::Assigned;
+    TaskRow {
+        status,
+        lease_expires_at_ms: leased.then_some(at + LEASE),
+        deadline_at_ms: leased.then_some(at + held.timeout_ms),
+        updated_at_ms: at,
+        ..held.clone()
+    }
+}
+
+/// Releases a held row and waits until the release is committed (readers see
+/// it); whether the row was still held.
+async fn release(s: &dyn DispatchStore, after: &TaskRow) -> bool {
+    let committed = s.release_held(after).await.expect("release held");
+    committed.await.expect("committed")
+}
+
+const EVERY_STATUS: [TaskStatus; 7] = [
+    TaskStatus::Queued,
+    TaskStatus::Assigned,
+    TaskStatus::Running,
+    TaskStatus::Succeeded,
+    TaskStatus::Failed,
+    TaskStatus::Cancelled,
+    TaskStatus::Held,
+];
+
+/// A held row is stored whole, a hand-off with its lease; its idempotency key
+/// already counts.
+async fn held_rows(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    for t in [held("h1", &acme), handed_off("h2", &acme, "w1")] {
+        let row = put(s, t.clone()).await;
+        assert_eq!(
+            row,
+            TaskRow { seq: row.seq, ..t },
+            "a held row is inserted as given"
+        );
+        assert_eq!(row.status, TaskStatus::Held);
+        assert_eq!(get(s, &row.task_id).await, row, "read back held");
+    }
+    let h2 = get(s, "h2").await;
+    assert_eq!(
+        (h2.worker_id.as_str(), h2.attempt, h2.lease_epoch),
+        ("w1", 1, 1),
+        "a hand-off is held with its first attempt"
+    );
+    assert_eq!(
+        (h2.lease_expires_at_ms, h2.deadline_at_ms),
+        (Some(NOW + LEASE), Some(NOW + TIMEOUT))
+    );
+
+    let keyed = |t: TaskRow| TaskRow {
+        idempotency_key: "nightly-42".into(),
+        ..t
+    };
+    let window = NOW - MINUTE;
+    let first = match s
+        .insert_task(&keyed(held("k1", &acme)), window)
+        .await
+        .expect("insert")
+    {
+        Inserted::New(row) => row,
+        other => panic!("first use of a key: {other:?}"),
+    };
+    assert_eq!(
+        s.insert_task(
+            &TaskRow {
+                created_at_ms: NOW + SECOND,
+                ..keyed(task("k2", &acme))
+            },
+            window
+        )
+        .await
+        .expect("insert"),
+        Inserted::Existing(first.clone()),
+        "a held task's key counts within the window"
+    );
+    assert_eq!(
+        s.get_task("k2").await.expect("get"),
+        None,
+        "nothing inserted"
+    );
+    assert_eq!(get(s, "k1").await, first, "the held row is unchanged");
+}
+
+/// Nothing but its release or deletion touches a held row: no claim, no
+/// expiry (however long past its lease and deadline), no listing, no count,
+/// no cancel, no pool reset. Tasks around it are handled as usual.
+async fn held_invisible(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    let gpu = labels(&[("gpu", "a100")]);
+    let h_queued = put(
+        s,
+        TaskRow {
+            labels: gpu.clone(),
+            ..held("h-queued", &acme)
+        },
+    )
+    .await;
+    let h_handoff = put(s, handed_off("h-handoff", &acme, "w1")).await;
+    let held_ids = ["h-queued", "h-handoff"];
+    put(s, task("q1", &acme)).await;
+
+    for id in held_ids {
+        assert_eq!(
+            s.claim_task(&acme, id, &batch(&acme, "w2", &gpu, 1))
+                .await
+                .expect("claim one"),
+            ClaimOne::NotFound,
+            "{id}: a held task is not found by claim_task"
+        );
+    }
+    assert_eq!(
+        ids(&s.claim(&batch(&acme, "w2", &gpu, 10)).await.expect("claim")),
+        ["q1"],
+        "a claim takes the queued task and skips the held ones"
+    );
+    assert!(
+        s.claim(&batch(&acme, "w3", &gpu, 10))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "nothing else to claim"
+    );
+
+    put(s, task("q2", &tenant("other"))).await;
+    assert_eq!(
+        s.queued_scopes().await.expect("scopes"),
+        vec![(tenant("other"), 1)],
+        "held tasks are not counted as queued"
+    );
+
+    assert_eq!(
+        ids(&s
+            .list_tasks(&TaskFilter::default(), None, 100)
+            .await
+            .expect("list")),
+        ["q2", "q1"],
+        "held tasks are not listed"
+    );
+    for status in EVERY_STATUS {
+        let listed = s
+            .list_tasks(
+                &TaskFilter {
+                    status: Some(status),
+                    ..Default::default()
+                },
+                None,
+                100,
+            )
+            .await
+            .expect("list");
+        assert!(
+            listed
+                .iter()
+                .all(|t| !held_ids.contains(&t.task_id.as_str())),
+            "listed with status {status:?}: {:?}",
+            ids(&listed)
+        );
+    }
+    assert_eq!(
+        ids(&s
+            .list_tasks(
+                &TaskFilter {
+                    status: Some(TaskStatus::Assigned),
+                    ..Default::default()
+                },
+                None,
+                100
+            )
+            .await
+            .expect("list")),
+        ["q1"],
+        "the status filter itself works"
+    );
+
+    for id in held_ids {
+        assert_eq!(
+            s.cancel_task(id, "operator asked", NOW + SECOND)
+                .await
+                .expect("cancel"),
+            Cancelled::NotFound,
+            "{id}: a held task cannot be cancelled"
+        );
+    }
+
+    let reset = s
+        .release_workers_tasks(&["w1".into(), "w2".into()], "pool reset", NOW + SECOND)
+        .await
+        .expect("release workers");
+    assert_eq!(
+        reset
+            .iter()
+            .map(|r| r.after.task_id.as_str())
+            .collect::<Vec<_>>(),
+        ["q1"],
+        "a pool reset releases w2's task, not w1's held hand-off"
+    );
+
+    // q1 is leased again; long after every lease and deadline, only it expires.
+    claim1(s, &acme, "w2", NOW + 2 * SECOND).await;
+    let released = s.expire(NOW + 10 * TIMEOUT, 100).await.expect("expire");
+    assert_eq!(
+        released
+            .iter()
+            .map(|r| r.after.task_id.as_str())
+            .collect::<Vec<_>>(),
+        ["q1"],
+        "expiry skips held tasks"
+    );
+    assert!(
+        s.expire(NOW + 10 * TIMEOUT, 100)
+            .await
+            .expect("expire")
+            .is_empty()
+    );
+
+    assert_eq!(get(s, "h-queued").await, h_queued, "untouched");
+    assert_eq!(get(s, "h-handoff").await, h_handoff, "untouched");
+}
+
+/// A release changes status, lease, deadline and updated_at, nothing else,
+/// and the task then lives as any other: queued is claimed, assigned lapses
+/// or is finished by its worker.
+async fn held_release(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+
+    let h_queued = put(s, held("h-queued", &acme)).await;
+    let after = releasing(&h_queued, TaskStatus::Queued, at);
+    assert!(release(s, &after).await, "a held task is released");
+    assert_eq!(
+        get(s, "h-queued").await,
+        TaskRow {
+            status: TaskStatus::Queued,
+            updated_at_ms: at,
+            ..h_queued.clone()
+        },
+        "released to queued, the rest as inserted"
+    );
+    let claimed = claim1(s, &acme, "w2", at).await;
+    assert_eq!(
+        (
+            claimed.task_id.as_str(),
+            claimed.attempt,
+            claimed.lease_epoch
+        ),
+        ("h-queued", 1, 1),
+        "a released queued task is claimed at its first attempt"
+    );
+    assert!(matches!(
+        s.finish(&report(&claimed, Outcome::Succeeded, at + 1))
+            .await
+            .expect("finish"),
+        Finished::Applied(_)
+    ));
+
+    let h_lapse = put(s, handed_off("h-lapse", &acme, "w1")).await;
+    let after = releasing(&h_lapse, TaskStatus::Assigned, at);
+    assert!(release(s, &after).await, "a held hand-off is released");
+    let assigned = get(s, "h-lapse").await;
+    assert_eq!(
+        assigned,
+        TaskRow {
+            status: TaskStatus::Assigned,
+            lease_expires_at_ms: Some(at + LEASE),
+            deadline_at_ms: Some(at + TIMEOUT),
+            updated_at_ms: at,
+            ..h_lapse.clone()
+        },
+        "released to assigned with the new lease, the rest as inserted"
+    );
+    assert!(
+        claim(s, &acme, "w2", 10).await.is_empty(),
+        "an assigned task is not claimed"
+    );
+    assert!(
+        s.expire(at + LEASE, 100).await.expect("expire").is_empty(),
+        "the new lease counts, not the held one"
+    );
+    let lapsed = s.expire(at + LEASE + 1, 100).await.expect("expire");
+    assert_eq!(lapsed.len(), 1, "the released hand-off lapses");
+    let Released { before, after } = &lapsed[0];
+    assert_eq!(before, &assigned);
+    assert_eq!(
+        (
+            after.status,
+            after.status_reason.as_str(),
+            after.attempt,
+            after.lease_epoch
+        ),
+        (TaskStatus::Queued, "lease expired", 1, 1),
+        "queued again, its attempt kept"
+    );
+
+    let h_done = put(s, handed_off("h-done", &acme, "w1")).await;
+    let after = releasing(&h_done, TaskStatus::Assigned, at);
+    assert!(release(s, &after).await);
+    let done = match s
+        .finish(&report(&after, Outcome::Succeeded, at + SECOND))
+        .await
+        .expect("finish")
+    {
+        Finished::Applied(t) => t,
+        other => panic!("the worker's report of a released hand-off applies: {other:?}"),
+    };
+    assert_eq!(
+        (done.status, done.worker_id.as_str(), done.lease_epoch),
+        (TaskStatus::Succeeded, "w1", 1)
+    );
+    assert_eq!(get(s, "h-done").await, done);
+}
+
+/// A release takes status, lease, deadline and updated_at from `after` and
+/// nothing else, whatever else `after` says.
+async fn held_release_fields(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+    for (inserted, status) in [
+        (handed_off("handoff", &acme, "w1"), TaskStatus::Assigned),
+        (held("queued", &acme), TaskStatus::Queued),
+    ] {
+        let inserted = put(s, inserted).await;
+        let asked = releasing(&inserted, status, at);
+        // The worker and attempt are taken too: the settling pass queues a
+        // hand-off whose worker may be gone (worker "", attempt 0).
+        let asked = TaskRow {
+            worker_id: "w-other".into(),
+            attempt: 4,
+            ..asked
+        };
+        let after = TaskRow {
+            lease_epoch: 7,
+            run_id: "run-other".into(),
+            priority: 9,
+            labels: labels(&[("gpu", "h100")]),
+            payload: b"another payload".to_vec(),
+            payload_size: 15,
+            status_reason: "another reason".into(),
+            outcome: Outcome::Failed,
+            exit_code: 9,
+            output_summary: "another summary".into(),
+            created_at_ms: NOW - MINUTE,
+            finished_at_ms: Some(at),
+            ..asked.clone()
+        };
+        assert!(release(s, &after).await, "{}: released", inserted.task_id);
+        assert_eq!(
+            get(s, &inserted.task_id).await,
+            asked,
+            "{}: only status, worker, attempt, lease, deadline and updated_at are taken",
+            inserted.task_id
+        );
+    }
+}
+
+/// A release of a task that is not held changes nothing and says so.
+async fn held_release_refusals(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+
+    let h1 = put(s, handed_off("h1", &acme, "w1")).await;
+    assert!(release(s, &releasing(&h1, TaskStatus::Assigned, at)).await);
+    let released = get(s, "h1").await;
+    assert!(
+        !release(s, &releasing(&h1, TaskStatus::Queued, at + SECOND)).await,
+        "released once"
+    );
+    assert_eq!(
+        get(s, "h1").await,
+        released,
+        "a second release changes nothing"
+    );
+
+    let plain = put(s, task("plain", &acme)).await;
+    let as_handoff = TaskRow {
+        worker_id: "w9".into(),
+        attempt: 1,
+        lease_epoch: 1,
+        ..releasing(&plain, TaskStatus::Assigned, at)
+    };
+    assert!(
+        !release(s, &as_handoff).await,
+        "a queued task was never held"
+    );
+    assert_eq!(get(s, "plain").await, plain, "a queued task is unchanged");
+
+    put(s, task("gone", &acme)).await;
+    let Cancelled::Cancelled { after: gone, .. } = s
+        .cancel_task("gone", "operator asked", at)
+        .await
+        .expect("cancel")
+    else {
+        panic!("a queued task is cancellable");
+    };
+    assert!(
+        !release(s, &releasing(&gone, TaskStatus::Queued, at + SECOND)).await,
+        "a cancelled task is not released"
+    );
+    assert_eq!(
+        get(s, "gone").await,
+        gone,
+        "a cancelled task stays cancelled"
+    );
+
+    assert!(
+        !release(s, &releasing(&held("nope", &acme), TaskStatus::Queued, at)).await,
+        "an unknown task is not released"
+    );
+    assert_eq!(s.get_task("nope").await.expect("get"), None, "nor created");
+    assert_eq!(
+        ids(&claim(s, &acme, "w2", 10).await),
+        ["plain"],
+        "only the plain task is claimable"
+    );
+}
+
+/// Once `release_held` returns, before its `Committed` resolves, the next write
+/// of the store already sees the release.
+async fn held_release_ordering(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+
+    let q = put(s, held("q", &acme)).await;
+    let committed = s
+        .release_held(&releasing(&q, TaskStatus::Queued, at))
+        .await
+        .expect("release held");
+    assert_eq!(
+        ids(&claim_at(s, &acme, "w2", 10, at).await),
+        ["q"],
+        "a claim right after the release gets the task"
+    );
+    assert!(
+        committed.await.expect("committed"),
+        "the release was applied"
+    );
+
+    let handoff = put(s, handed_off("handoff", &acme, "w1")).await;
+    let after = releasing(&handoff, TaskStatus::Assigned, at);
+    let committed = s.release_held(&after).await.expect("release held");
+    let finished = s
+        .finish(&report(&after, Outcome::Succeeded, at + 1))
+        .await
+        .expect("finish");
+    assert!(
+        matches!(finished, Finished::Applied(_)),
+        "a report right after the release applies: {finished:?}"
+    );
+    assert!(
+        committed.await.expect("committed"),
+        "the release was applied"
+    );
+
+    let c = put(s, held("c", &acme)).await;
+    let committed = s
+        .release_held(&releasing(&c, TaskStatus::Queued, at))
+        .await
+        .expect("release held");
+    let cancelled = s
+        .cancel_task("c", "operator asked", at + 1)
+        .await
+        .expect("cancel");
+    assert!(
+        matches!(cancelled, Cancelled::Cancelled { .. }),
+        "a cancel right after the release cancels: {cancelled:?}"
+    );
+    assert!(
+        committed.await.expect("committed"),
+        "the release was applied"
+    );
+    assert_eq!(get(s, "c").await.status, TaskStatus::Cancelled);
+}
+
+/// Many hand-offs released at once, each followed at once by its worker's
+/// report (SQLite commits them in groups and batches reports): no report is
+/// applied ahead of its own release.
+async fn held_release_race(h: Harness) {
+    const TASKS: usize = 64;
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+    let mut afters = Vec::new();
+    for i in 0..TASKS {
+        let row = put(
+            h.store.as_ref(),
+            handed_off(&format!("h{i:02}"), &acme, &format!("w{}", i % 4)),
+        )
+        .await;
+        afters.push(releasing(&row, TaskStatus::Assigned, at));
+    }
+    let calls: Vec<_> = afters
+        .into_iter()
+        .map(|after| {
+            let s = Arc::clone(&h.store);
+            tokio::spawn(async move {
+                let committed = s.release_held(&after).await.expect("release held");
+                let finished = s
+                    .finish(&report(&after, Outcome::Succeeded, at + 1))
+                    .await
+                    .expect("finish");
+                let released = committed.await.expect("committed");
+                (after.task_id, finished, released)
+            })
+        })
+        .collect();
+    for c in calls {
+        let (id, finished, released) = c.await.expect("join");
+        assert!(released, "{id}: the release was applied");
+        let Finished::Applied(done) = finished else {
+            panic!("{id}: the report right after the release applies: {finished:?}");
+        };
+        assert_eq!(done.status, TaskStatus::Succeeded, "{id}");
+        assert_eq!(get(h.store.as_ref(), &id).await, done, "{id}");
+    }
+}
+
+/// The settling pass finds held tasks older than a moment, oldest first, and
+/// deletes those whose enqueue audit never recorded.
+async fn held_settling(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    // Inserted out of creation order: the order is by creation, not seq.
+    let mut rows = BTreeMap::new();
+    for (id, created) in [
+        ("h3", 3),
+        ("h1", 1),
+        ("h5", 5),
+        ("h0", 0),
+        ("h2", 2),
+        ("h4", 4),
+    ] {
+        let t = if id == "h5" {
+            handed_off(id, &acme, "w1")
+        } else {
+            held(id, &acme)
+        };
+        let row = put(
+            s,
+            TaskRow {
+                created_at_ms: NOW + created,
+                ..t
+            },
+        )
+        .await;
+        rows.insert(id, row);
+    }
+    let queued = put(
+        s,
+        TaskRow {
+            created_at_ms: NOW - MINUTE,
+            ..task("queued", &acme)
+        },
+    )
+    .await;
+    let before = |before_ms: i64, limit: u32| async move {
+        s.held_before(before_ms, limit).await.expect("held before")
+    };
+    let all = before(NOW + MINUTE, 100).await;
+    assert_eq!(
+        ids(&all),
+        ["h0", "h1", "h2", "h3", "h4", "h5"],
+        "held tasks only, oldest first"
+    );
+    for t in &all {
+        assert_eq!(
+            without_payload(t.clone()),
+            without_payload(rows[t.task_id.as_str()].clone()),
+            "{} as stored",
+            t.task_id
+        );
+    }
+    assert_eq!(
+        ids(&before(NOW + 3, 100).await),
+        ["h0", "h1", "h2"],
+        "created strictly before"
+    );
+    assert_eq!(ids(&before(NOW + MINUTE, 2).await), ["h0", "h1"], "a limit");
+    assert!(before(NOW + MINUTE, 0).await.is_empty(), "limit 0");
+    assert!(before(NOW, 100).await.is_empty(), "none created before NOW");
+
+    assert!(release(s, &releasing(&rows["h1"], TaskStatus::Queued, NOW + SECOND)).await);
+    assert!(s.delete_held("h2").await.expect("delete"), "h2 was held");
+    assert_eq!(s.get_task("h2").await.expect("get"), None, "h2 is gone");
+    assert!(
+        s.delete_held("h5").await.expect("delete"),
+        "a held hand-off"
+    );
+    assert_eq!(s.get_task("h5").await.expect("get"), None, "h5 is gone");
+    assert_eq!(
+        ids(&before(NOW + MINUTE, 100).await),
+        ["h0", "h3", "h4"],
+        "released and deleted tasks are not held"
+    );
+
+    assert!(!s.delete_held("h2").await.expect("delete"), "deleted once");
+    assert!(!s.delete_held("nope").await.expect("delete"), "unknown");
+    assert!(
+        !release(s, &releasing(&rows["h2"], TaskStatus::Queued, NOW + SECOND)).await,
+        "a deleted task is not released"
+    );
+    assert_eq!(s.get_task("h2").await.expect("get"), None, "nor revived");
+
+    assert!(!s.delete_held("queued").await.expect("delete"), "queued");
+    assert_eq!(get(s, "queued").await, queued, "a queued task stays");
+    let released = get(s, "h1").await;
+    assert!(!s.delete_held("h1").await.expect("delete"), "released");
+    assert_eq!(get(s, "h1").await, released, "a released task stays");
+
+    let ClaimOne::Claimed(assigned) = s
+        .claim_task(&acme, "queued", &batch(&acme, "w2", &Labels::new(), 1))
+        .await
+        .expect("claim one")
+    else {
+        panic!("the queued task is claimable");
+    };
+    assert!(!s.delete_held("queued").await.expect("delete"), "assigned");
+    assert_eq!(get(s, "queued").await, assigned, "an assigned task stays");
+    let Finished::Applied(done) = s
+        .finish(&report(&assigned, Outcome::Succeeded, NOW + SECOND))
+        .await
+        .expect("finish")
+    else {
+        panic!("the report applies");
+    };
+    assert!(!s.delete_held("queued").await.expect("delete"), "final");
+    assert_eq!(get(s, "queued").await, done, "a final task stays");
+}
+
+/// On PostgreSQL a release through one replica is seen by the other as soon
+/// as `release_held` returns (SQLite: one replica, the same store).
+async fn held_release_replica(h: Harness) {
+    let (one, other) = (h.store.as_ref(), h.replica.as_ref());
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+
+    let q = put(one, held("q", &acme)).await;
+    let committed = one
+        .release_held(&releasing(&q, TaskStatus::Queued, at))
+        .await
+        .expect("release held");
+    assert_eq!(
+        ids(&claim_at(other, &acme, "w2", 10, at).await),
+        ["q"],
+        "the other replica claims the released task at once"
+    );
+    assert!(committed.await.expect("committed"));
+
+    let handoff = put(other, handed_off("handoff", &acme, "w1")).await;
+    let after = releasing(&handoff, TaskStatus::Assigned, at);
+    let committed = other.release_held(&after).await.expect("release held");
+    let finished = one
+        .finish(&report(&after, Outcome::Succeeded, at + 1))
+        .await
+        .expect("finish");
+    assert!(
+        matches!(finished, Finished::Applied(_)),
+        "a report through the other replica applies at once: {finished:?}"
+    );
+    assert!(committed.await.expect("committed"));
 }
 
 // ---- two replicas -----------------------------------------------------------

@@ -625,6 +625,7 @@ async fn start_stack(pki: &Pki) -> anyhow::Result<Stack> {
         bulkhead_dispatcher::engine::Parts {
             store: dispatch_store,
             audit: dispatcher_audit.clone(),
+            actor: pki.dispatcher.spiffe_id().to_string(),
             identity: IdClient::new(dispatcher_channel(&identity_addr, "identity")?),
             fleet: bulkhead_dispatcher::config::Config::default().fleet,
             wake: Wake::none(),

@@ -74,6 +74,22 @@ impl AuditClient {
     }
 }
 
+impl AuditClient {
+    /// One page of audit's Query. A service may read only the events it
+    /// appended itself: `actor` must be its own SPIFFE ID.
+    pub async fn query(&self, request: pb::QueryRequest) -> Result<pb::QueryResponse, Error> {
+        let mut client = self.client.clone();
+        let call = client.query(request);
+        match tokio::time::timeout(APPEND_TIMEOUT, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(unavailable(status)),
+            Err(_) => Err(unavailable(tonic::Status::deadline_exceeded(
+                "query timed out",
+            ))),
+        }
+    }
+}
+
 async fn append(
     mut client: AuditServiceClient<MeshChannel>,
     events: Vec<pb::NewEvent>,

@@ -9,6 +9,8 @@
 //! task is one conditional UPDATE (or one transaction), so two replicas racing
 //! for the same task cannot both win.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::model::{
@@ -314,7 +316,35 @@ pub trait DispatchStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Released>, StoreError>;
     /// The scopes that have queued tasks, with how many (for the poller).
     async fn queued_scopes(&self) -> Result<Vec<(Scope, u64)>, StoreError>;
+
+    // ---- held tasks (see `TaskStatus::Held`) ----------------------------------
+
+    /// Makes a held task what `after` says: its status (queued, or assigned
+    /// for a hand-off), `worker_id`, `attempt`, `lease_expires_at_ms`,
+    /// `deadline_at_ms` and `updated_at_ms`; nothing else changes, and
+    /// nothing at all unless the task with `after.task_id` is still held.
+    ///
+    /// Returns once every later write of this store sees the change (SQLite:
+    /// once it is queued to the writer, which runs it ahead of every write
+    /// queued after it; PostgreSQL: once committed). The [`Committed`] it
+    /// returns resolves once readers see it too.
+    ///
+    /// The change need not be durable when either resolves (PostgreSQL
+    /// commits it without waiting for its WAL flush, which the server's next
+    /// durable commit makes): the task itself is, and so is audit's record
+    /// of it, so a crash that loses the change leaves the task held, and the
+    /// settling pass (`held_before`) makes the same change again.
+    async fn release_held(&self, after: &TaskRow) -> Result<Committed, StoreError>;
+    /// Held tasks created before `before_ms`, oldest first, at most `limit`.
+    async fn held_before(&self, before_ms: i64, limit: u32) -> Result<Vec<TaskRow>, StoreError>;
+    /// Deletes the task if it is still held; whether it was.
+    async fn delete_held(&self, task_id: &str) -> Result<bool, StoreError>;
 }
+
+/// Resolves once a [`DispatchStore::release_held`] is committed, so that
+/// every reader sees it: `true` if the task was held and now is what the call
+/// asked, `false` if it was no longer held (nothing changed).
+pub type Committed = Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send>>;
 
 /// Opens the store a URL names: `sqlite://PATH` or `postgres://...`.
 pub async fn open(url: &str) -> Result<Arc<dyn DispatchStore>, StoreError> {

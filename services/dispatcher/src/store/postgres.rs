@@ -25,10 +25,12 @@ use super::sqlite::{
     queued_scopes, seqs, to_json,
 };
 use super::{
-    Cancelled, ClaimBatch, ClaimOne, Decision, DispatchStore, Finish, Finished, Inserted, Released,
-    StoreError, TaskFilter, WorkerFilter,
+    Cancelled, ClaimBatch, ClaimOne, Committed, Decision, DispatchStore, Finish, Finished,
+    Inserted, Released, StoreError, TaskFilter, WorkerFilter,
 };
-use crate::model::{AgentRow, AgentStatus, Outcome, Scope, TaskRow, WorkerRow, WorkerState};
+use crate::model::{
+    AgentRow, AgentStatus, Outcome, Scope, TaskRow, TaskStatus, WorkerRow, WorkerState,
+};
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS agents (
@@ -108,6 +110,8 @@ const SCHEMA: &[&str] = &[
         WHERE status IN ('assigned', 'running')",
     "CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks (tenant, pool, idempotency_key)
         WHERE idempotency_key <> ''",
+    // The settling pass's walk; held rows live for one audit Append.
+    "CREATE INDEX IF NOT EXISTS tasks_held ON tasks (created_at_ms, seq) WHERE status = 'held'",
     "CREATE INDEX IF NOT EXISTS tasks_scope_newest ON tasks (tenant, pool, seq)",
     "CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id) WHERE run_id <> ''",
 ];
@@ -179,6 +183,9 @@ const RELEASE: &str = concat!(
 /// Connections for the scheduler's claims: one per scheduler loop by default.
 const CLAIM_CONNECTIONS: u32 = 4;
 
+/// Connections for releases of held tasks, one per batcher.
+const RELEASE_CONNECTIONS: u32 = 4;
+
 /// The advisory lock replicas take to create the schema ("dspt").
 const SCHEMA_LOCK: i64 = 0x6473_7074;
 
@@ -197,6 +204,9 @@ pub struct PgStore {
     /// The scheduler's claims have connections of their own, so that they
     /// never queue behind the Enqueue and report traffic for one.
     claims: PgPool,
+    /// The releases of held tasks: their sessions commit without waiting for
+    /// the WAL flush (see `release_batch`).
+    releases: PgPool,
     /// The calls the batchers serve. The batchers end when every clone of
     /// the store is dropped (the channel closes) or when the pool is closed.
     batched: mpsc::Sender<Batched>,
@@ -223,14 +233,31 @@ impl PgStore {
             .max_connections(CLAIM_CONNECTIONS)
             .connect(url)
             .await?;
+        let releases = PgPoolOptions::new()
+            .max_connections(RELEASE_CONNECTIONS)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET synchronous_commit TO OFF")
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
+            .connect(url)
+            .await?;
         let (batched, waiting) = mpsc::channel(BATCHERS * MAX_BATCH);
         let waiting = Arc::new(Mutex::new(waiting));
         for _ in 0..BATCHERS {
-            tokio::spawn(run_batcher(pool.clone(), Arc::clone(&waiting)));
+            tokio::spawn(run_batcher(
+                pool.clone(),
+                releases.clone(),
+                Arc::clone(&waiting),
+            ));
         }
         Ok(Self {
             pool,
             claims,
+            releases,
             batched,
         })
     }
@@ -238,6 +265,7 @@ impl PgStore {
     /// Closes the pools' connections (the batchers then end).
     pub async fn close(&self) {
         self.claims.close().await;
+        self.releases.close().await;
         self.pool.close().await;
     }
 
@@ -619,7 +647,8 @@ impl DispatchStore for PgStore {
         let mut qb = QueryBuilder::<Postgres>::new(concat!(
             "SELECT ",
             task_list_columns!(),
-            " FROM tasks AS t WHERE TRUE"
+            // Held rows are not tasks yet.
+            " FROM tasks AS t WHERE t.status <> 'held'"
         ));
         // A row has exactly one of tenant and pool: naming the other as empty
         // lets the (tenant, pool, seq) index serve the order.
@@ -881,6 +910,9 @@ impl DispatchStore for PgStore {
         let Some(before) = before.map(RawTask::decode).transpose()? else {
             return Ok(Cancelled::NotFound);
         };
+        if before.status == TaskStatus::Held {
+            return Ok(Cancelled::NotFound);
+        }
         if before.status.is_final() {
             return Ok(Cancelled::AlreadyFinal(before));
         }
@@ -933,6 +965,40 @@ impl DispatchStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         queued_scopes(rows)
+    }
+
+    async fn release_held(&self, after: &TaskRow) -> Result<Committed, StoreError> {
+        let released = self
+            .batched(|reply| {
+                Batched::Release(Box::new(PendingRelease {
+                    after: after.clone(),
+                    reply,
+                }))
+            })
+            .await?;
+        Ok(Box::pin(std::future::ready(Ok(released))))
+    }
+
+    async fn held_before(&self, before_ms: i64, limit: u32) -> Result<Vec<TaskRow>, StoreError> {
+        let rows = sqlx::query_as::<_, RawTask>(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks AS t WHERE t.status = 'held' AND t.created_at_ms < $1 \
+              ORDER BY t.created_at_ms, t.seq LIMIT $2"
+        ))
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        decode_all(rows)
+    }
+
+    async fn delete_held(&self, task_id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM tasks WHERE task_id = $1 AND status = 'held'")
+            .bind(task_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 
@@ -1016,6 +1082,14 @@ enum Batched {
     Insert(Box<PendingInsert>),
     Finish(PendingFinish),
     Read(PendingRead),
+    /// Boxed, as an insert.
+    Release(Box<PendingRelease>),
+}
+
+/// A release of a held task (`release_held`).
+struct PendingRelease {
+    after: TaskRow,
+    reply: Reply<bool>,
 }
 
 /// An insert of a task without an idempotency key.
@@ -1051,7 +1125,11 @@ struct Keyed {
 /// run at once, and batches grow only as the database slows. Ends when the
 /// channel closes (every store clone dropped) or the pool is closed; calls
 /// still queued then are dropped, and their callers get an error.
-async fn run_batcher(pool: PgPool, waiting: Arc<Mutex<mpsc::Receiver<Batched>>>) {
+async fn run_batcher(
+    pool: PgPool,
+    releases_pool: PgPool,
+    waiting: Arc<Mutex<mpsc::Receiver<Batched>>>,
+) {
     let mut closed = pool.close_event();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -1062,12 +1140,14 @@ async fn run_batcher(pool: PgPool, waiting: Arc<Mutex<mpsc::Receiver<Batched>>>)
         if received == 0 {
             break;
         }
-        let (mut inserts, mut finishes, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut inserts, mut finishes, mut reads, mut releases) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for call in batch.drain(..) {
             match call {
                 Batched::Insert(p) => inserts.push(*p),
                 Batched::Finish(p) => finishes.push(p),
                 Batched::Read(p) => reads.push(p),
+                Batched::Release(p) => releases.push(*p),
             }
         }
         // The calls of a batch are concurrent: no order among them to keep.
@@ -1075,6 +1155,7 @@ async fn run_batcher(pool: PgPool, waiting: Arc<Mutex<mpsc::Receiver<Batched>>>)
             insert_batch(&pool, inserts),
             finish_batch(&pool, finishes),
             read_batch(&pool, reads),
+            release_batch(&releases_pool, releases),
         );
     }
 }
@@ -1551,4 +1632,61 @@ async fn read_batch(pool: &PgPool, mut reads: Vec<PendingRead>) {
         };
         let _ = p.reply.send(result);
     }
+}
+
+/// Releases a batch's held tasks in one statement, on a session of `pool`
+/// that commits without waiting for its WAL flush (see
+/// `DispatchStore::release_held`): the release is on the enqueue's path,
+/// and the claim or report that follows it flushes it anyway. One round
+/// trip. A task is in a batch once (each enqueue releases its own).
+async fn release_batch(pool: &PgPool, releases: Vec<PendingRelease>) {
+    if releases.is_empty() {
+        return;
+    }
+    match release_many(pool, &releases).await {
+        Ok(released) => {
+            for p in releases {
+                let _ = p.reply.send(Ok(released.contains(&p.after.task_id)));
+            }
+        }
+        Err(e) => {
+            for p in releases {
+                let _ = p.reply.send(Err(batch_failed(&e)));
+            }
+        }
+    }
+}
+
+async fn release_many(
+    pool: &PgPool,
+    releases: &[PendingRelease],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let rows = || releases.iter().map(|p| &p.after);
+    let ids: Vec<&str> = rows().map(|t| t.task_id.as_str()).collect();
+    let statuses: Vec<&str> = rows().map(|t| t.status.as_str()).collect();
+    let workers: Vec<&str> = rows().map(|t| t.worker_id.as_str()).collect();
+    let attempts: Vec<i64> = rows().map(|t| i64::from(t.attempt)).collect();
+    let leases: Vec<Option<i64>> = rows().map(|t| t.lease_expires_at_ms).collect();
+    let deadlines: Vec<Option<i64>> = rows().map(|t| t.deadline_at_ms).collect();
+    let updated: Vec<i64> = rows().map(|t| t.updated_at_ms).collect();
+    let released: Vec<String> = sqlx::query_scalar(
+        "UPDATE tasks AS t SET status = u.status, worker_id = u.worker_id, \
+          attempt = u.attempt, lease_expires_at_ms = u.lease, deadline_at_ms = u.deadline, \
+          updated_at_ms = u.updated \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], \
+                     $6::bigint[], $7::bigint[]) \
+              AS u(task_id, status, worker_id, attempt, lease, deadline, updated) \
+         WHERE t.task_id = u.task_id AND t.status = 'held' \
+         RETURNING t.task_id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&workers)
+    .bind(&attempts)
+    .bind(&leases)
+    .bind(&deadlines)
+    .bind(&updated)
+    .fetch_all(pool)
+    .await?;
+    Ok(released.into_iter().collect())
 }

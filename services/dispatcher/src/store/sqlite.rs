@@ -23,8 +23,8 @@ use sqlx::{Connection as _, QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Cancelled, ClaimBatch, ClaimOne, Decision, DispatchStore, Finish, Finished, Inserted, Released,
-    StoreError, TaskFilter, WorkerFilter,
+    Cancelled, ClaimBatch, ClaimOne, Committed, Decision, DispatchStore, Finish, Finished,
+    Inserted, Released, StoreError, TaskFilter, WorkerFilter,
 };
 use crate::model::{
     AgentRow, AgentStatus, Labels, Outcome, Scope, TaskRow, TaskStatus, WorkerRow, WorkerState,
@@ -111,6 +111,8 @@ const SCHEMA: &[&str] = &[
         WHERE idempotency_key <> ''",
     "CREATE INDEX IF NOT EXISTS tasks_scope_newest ON tasks (tenant, pool, seq)",
     "CREATE INDEX IF NOT EXISTS tasks_run ON tasks (run_id) WHERE run_id <> ''",
+    // The settling pass's walk; held rows live for one audit Append.
+    "CREATE INDEX IF NOT EXISTS tasks_held ON tasks (created_at_ms, seq) WHERE status = 'held'",
 ];
 
 /// Every column of a task, as `RawTask` reads it.
@@ -193,6 +195,57 @@ trait QueuedWrite: Send {
     }
     /// What the batch made of this report.
     fn finished(&mut self, _result: Result<Finished, StoreError>) {}
+    /// The release of a held task: the group runs these before anything
+    /// else (see `run_in_transaction`).
+    fn is_release(&self) -> bool {
+        false
+    }
+}
+
+/// The release of a held task (`release_held`). Its caller goes on once it
+/// is queued: every write queued after it must see it, and a group runs its
+/// batched inserts and reports ahead of its other writes, so releases go
+/// first of all. Nothing queued in the same group depends on a release not
+/// having happened: a held task is invisible to every other write.
+struct PendingRelease {
+    after: TaskRow,
+    result: Option<Result<bool, StoreError>>,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+impl QueuedWrite for PendingRelease {
+    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
+        Box::pin(async move {
+            self.result = Some(release_held(conn, &self.after).await);
+            self.result.as_ref().is_some_and(Result::is_ok)
+        })
+    }
+
+    fn reply(self: Box<Self>, failed: Option<&sqlx::Error>) {
+        answer(self.reply, self.result, failed);
+    }
+
+    fn is_release(&self) -> bool {
+        true
+    }
+}
+
+async fn release_held(c: &mut SqliteConnection, t: &TaskRow) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE tasks SET status = ?1, lease_expires_at_ms = ?2, deadline_at_ms = ?3, \
+          updated_at_ms = ?4, worker_id = ?6, attempt = ?7 \
+         WHERE task_id = ?5 AND status = 'held'",
+    )
+    .bind(t.status.as_str())
+    .bind(t.lease_expires_at_ms)
+    .bind(t.deadline_at_ms)
+    .bind(t.updated_at_ms)
+    .bind(&t.task_id)
+    .bind(&t.worker_id)
+    .bind(i64::from(t.attempt))
+    .execute(c)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// A worker's report.
@@ -451,7 +504,17 @@ async fn run_in_transaction(
 ) -> Result<bool, sqlx::Error> {
     let ran = async {
         exec(conn, "BEGIN IMMEDIATE").await?;
-        // Without savepoints, the group's plain inserts go first, together.
+        // Without savepoints, releases go first (see `PendingRelease`); with
+        // savepoints every write runs in the order it was queued, which is
+        // all a release needs.
+        if !savepoints {
+            for write in group.iter_mut().filter(|w| w.is_release()) {
+                if !write.run(conn).await {
+                    return Ok(false);
+                }
+            }
+        }
+        // Then the group's plain inserts, together.
         let batched =
             !savepoints && group.iter().filter(|w| w.plain_insert().is_some()).count() > 1;
         if batched && !insert_batch(conn, group).await? {
@@ -465,6 +528,7 @@ async fn run_in_transaction(
         for write in group.iter_mut() {
             if (batched && write.plain_insert().is_some())
                 || (finishes && write.plain_finish().is_some())
+                || (!savepoints && write.is_release())
             {
                 continue;
             }
@@ -1064,7 +1128,8 @@ impl DispatchStore for SqliteStore {
         let mut qb = QueryBuilder::<Sqlite>::new(concat!(
             "SELECT ",
             task_list_columns!(),
-            " FROM tasks WHERE 1=1"
+            // Held rows are not tasks yet.
+            " FROM tasks WHERE status <> 'held'"
         ));
         // A row has exactly one of tenant and pool: naming the other as empty
         // lets the (tenant, pool, seq) index serve the order.
@@ -1381,6 +1446,9 @@ impl DispatchStore for SqliteStore {
                 let Some(before) = before.map(RawTask::decode).transpose()? else {
                     return Ok(Cancelled::NotFound);
                 };
+                if before.status == TaskStatus::Held {
+                    return Ok(Cancelled::NotFound);
+                }
                 if before.status.is_final() {
                     return Ok(Cancelled::AlreadyFinal(before));
                 }
@@ -1438,6 +1506,51 @@ impl DispatchStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         queued_scopes(rows)
+    }
+
+    async fn release_held(&self, after: &TaskRow) -> Result<Committed, StoreError> {
+        let (reply, replied) = oneshot::channel();
+        let pending = PendingRelease {
+            after: after.clone(),
+            result: None,
+            reply,
+        };
+        self.writes
+            .send(Box::new(pending))
+            .await
+            .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
+        Ok(Box::pin(async move {
+            replied
+                .await
+                .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?
+        }))
+    }
+
+    async fn held_before(&self, before_ms: i64, limit: u32) -> Result<Vec<TaskRow>, StoreError> {
+        let rows = sqlx::query_as::<_, RawTask>(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE status = 'held' AND created_at_ms < ?1 \
+              ORDER BY created_at_ms, seq LIMIT ?2"
+        ))
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        decode_all(rows)
+    }
+
+    async fn delete_held(&self, task_id: &str) -> Result<bool, StoreError> {
+        self.write(task_id.to_owned(), |c, task_id| {
+            Box::pin(async move {
+                let done = sqlx::query("DELETE FROM tasks WHERE task_id = ?1 AND status = 'held'")
+                    .bind(task_id)
+                    .execute(c)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            })
+        })
+        .await
     }
 }
 
@@ -1645,7 +1758,9 @@ pub(super) fn not_finished(
 /// Why a task of the scope was not claimed.
 pub(super) fn not_claimed(current: Option<RawTask>) -> Result<ClaimOne, StoreError> {
     Ok(match current.map(RawTask::decode).transpose()? {
+        // A held task is not a task yet.
         None => ClaimOne::NotFound,
+        Some(task) if task.status == TaskStatus::Held => ClaimOne::NotFound,
         Some(task) if task.status == TaskStatus::Queued => ClaimOne::LabelsMismatch,
         Some(task) => ClaimOne::NotQueued(task),
     })
