@@ -217,8 +217,9 @@ pub struct WorkerIdent {
 pub const ENQUEUED: &str = "task.enqueued";
 
 /// How far around a held task's creation its `task.enqueued` record is
-/// looked for: an Append's timeout and clock skew, generously.
-const SETTLE_MARGIN_MS: i64 = 5 * 60 * 1000;
+/// looked for: an Append's timeout (5 s) and the skew between the
+/// dispatcher's and audit's clocks (kept within seconds by NTP).
+const SETTLE_MARGIN_MS: i64 = 15 * 1000;
 
 /// Why an enqueue failed.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +231,18 @@ pub enum EnqueueError {
     Store(StoreError),
     #[error("{0}")]
     Internal(String),
+}
+
+/// A task as the settling pass will queue it.
+fn queued(task: TaskRow) -> TaskRow {
+    TaskRow {
+        status: TaskStatus::Queued,
+        worker_id: String::new(),
+        attempt: 0,
+        lease_expires_at_ms: None,
+        deadline_at_ms: None,
+        ..task
+    }
 }
 
 /// What a settling pass did (see `Engine::settle_held`).
@@ -699,31 +712,41 @@ impl Engine {
             row.worker_id = worker_id.clone();
         }
         let engine = self.clone();
+        let taken = slot.clone();
         // Spawned, so that once under way the enqueue ends the same whether
         // or not its caller waits: a slot comes back, a task audit did not
         // record is deleted.
-        tokio::spawn(async move {
-            let result = engine
-                .enqueue_held(row, dedup_since_ms, record, slot.as_ref())
-                .await;
-            if result.is_err()
-                && let Some((worker_id, generation)) = &slot
-            {
-                engine.give_slots_back(worker_id, *generation, 1);
+        let spawned =
+            tokio::spawn(
+                async move { engine.enqueue_held(row, dedup_since_ms, record, slot).await },
+            );
+        match spawned.await {
+            Ok(result) => result,
+            Err(e) => {
+                if let Some((worker_id, generation)) = &taken {
+                    self.give_slots_back(worker_id, *generation, 1);
+                }
+                Err(EnqueueError::Internal(format!(
+                    "the enqueue task failed: {e}"
+                )))
             }
-            result
-        })
-        .await
-        .map_err(|e| EnqueueError::Internal(format!("the enqueue task failed: {e}")))?
+        }
     }
 
+    /// `enqueue`, once spawned; `slot` is the hand-off's, if any, and every
+    /// path either fills it or gives it back.
     async fn enqueue_held(
         &self,
         row: TaskRow,
         dedup_since_ms: i64,
         record: NewEvent,
-        slot: Option<&(String, u64)>,
+        slot: Option<(String, u64)>,
     ) -> Result<Inserted, EnqueueError> {
+        let give_back = |slot: &Option<(String, u64)>| {
+            if let Some((worker_id, generation)) = slot {
+                self.give_slots_back(worker_id, *generation, 1);
+            }
+        };
         let audit = &self.inner.audit;
         let (inserted, recorded) = if row.idempotency_key.is_empty() {
             let (inserted, recorded) = tokio::join!(
@@ -743,12 +766,11 @@ impl Engine {
         let held = match inserted {
             Ok(Inserted::New(t)) => t,
             Ok(Inserted::Existing(t)) => {
-                if let Some((worker_id, generation)) = slot {
-                    self.give_slots_back(worker_id, *generation, 1);
-                }
+                give_back(&slot);
                 return Ok(Inserted::Existing(t));
             }
             Err(e) => {
+                give_back(&slot);
                 if recorded.is_ok() {
                     tracing::warn!(task = %row.task_id, error = %e,
                         "task.enqueued was recorded but the task could not be inserted");
@@ -758,12 +780,27 @@ impl Engine {
         };
         if let Err(e) = recorded {
             // Not recorded, so not enqueued.
+            give_back(&slot);
             if let Err(error) = self.inner.store.delete_held(&held.task_id).await {
                 tracing::warn!(task = %held.task_id, %error,
                     "an unrecorded task stays held until the settling pass deletes it");
             }
             return Err(EnqueueError::Audit(e));
         }
+        // From here on the task exists: it is durable and recorded, and if
+        // its release fails, the settling pass makes it.
+        //
+        // The worker may have started draining (a pool reset, a shutdown) or
+        // gone while audit wrote: then the task is queued instead.
+        let slot = match slot {
+            Some((worker_id, generation)) if self.takes_hand_off(&worker_id, generation) => {
+                Some((worker_id, generation))
+            }
+            other => {
+                give_back(&other);
+                None
+            }
+        };
         let now = now_ms();
         let mut task = held;
         task.updated_at_ms = now;
@@ -774,18 +811,25 @@ impl Engine {
             task.deadline_at_ms = Some(now.saturating_add(task.timeout_ms));
         } else {
             task.status = TaskStatus::Queued;
+            task.worker_id = String::new();
+            task.attempt = 0;
+            task.lease_expires_at_ms = None;
+            task.deadline_at_ms = None;
         }
-        // If this fails, audit holds the record and the store the held task:
-        // the settling pass queues it. The caller is told the enqueue failed
-        // and may enqueue again; its idempotency key, if any, keeps that from
-        // running the task twice.
-        let committed = self
-            .inner
-            .store
-            .release_held(&task)
-            .await
-            .map_err(EnqueueError::Store)?;
-        match slot {
+        let committed = match self.inner.store.release_held(&task).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                give_back(&slot);
+                tracing::error!(task = %task.task_id, %error,
+                    "a recorded task could not be released; the settling pass will queue it");
+                return Ok(Inserted::New(queued(task)));
+            }
+        };
+        if committed.known() == Some(false) {
+            give_back(&slot);
+            return self.settled_meanwhile(task).await;
+        }
+        match &slot {
             Some((worker_id, generation)) => {
                 let weight = self.weight(&task.scope);
                 lock(&self.inner.rounds).charge_hand_off(&task.scope, weight);
@@ -793,12 +837,34 @@ impl Engine {
             }
             None => self.announce(&task.scope),
         }
+        // Once delivered, the slot is the assignment's: an acceptance
+        // refused for want of the release gives it back.
         match committed.await {
             Ok(true) => Ok(Inserted::New(task)),
-            // Only a settling pass touches held tasks, and only long after
-            // their enqueue should have ended.
-            Ok(false) => Err(EnqueueError::Internal(format!(
-                "task {} was settled while its enqueue was still under way",
+            Ok(false) => self.settled_meanwhile(task).await,
+            Err(error) => {
+                tracing::error!(task = %task.task_id, %error,
+                    "a recorded task's release did not commit; the settling pass will queue it");
+                Ok(Inserted::New(queued(task)))
+            }
+        }
+    }
+
+    /// Whether a hand-off may still go to this stream of the worker.
+    fn takes_hand_off(&self, worker_id: &str, generation: u64) -> bool {
+        lock(&self.inner.conns)
+            .by_worker
+            .get(worker_id)
+            .is_some_and(|c| c.generation == generation && !c.draining)
+    }
+
+    /// A release found its task no longer held: a settling pass got to it
+    /// first (the enqueue outlasted `held_grace_ms`). What it made of it.
+    async fn settled_meanwhile(&self, task: TaskRow) -> Result<Inserted, EnqueueError> {
+        match self.inner.store.get_task(&task.task_id).await {
+            Ok(Some(t)) if t.status != TaskStatus::Held => Ok(Inserted::New(t)),
+            Ok(_) => Err(EnqueueError::Internal(format!(
+                "task {} was settled as unrecorded while its enqueue was under way",
                 task.task_id
             ))),
             Err(e) => Err(EnqueueError::Store(e)),
@@ -852,6 +918,10 @@ impl Engine {
     /// at the release) against this dispatcher's own `task.enqueued` records
     /// in audit: a recorded task is queued (one that was being handed off
     /// too: its worker may be gone), an unrecorded one deleted.
+    ///
+    /// A task's record was appended while its row was fresh, so it is
+    /// looked for only within `SETTLE_MARGIN_MS` of the row's creation:
+    /// held rows close in time (those one crash left) share one window.
     pub async fn settle_held(&self) -> Result<Settled, String> {
         let grace = i64::try_from(self.inner.fleet.held_grace_ms).unwrap_or(i64::MAX);
         let store = &self.inner.store;
@@ -859,56 +929,73 @@ impl Engine {
             .held_before(now_ms().saturating_sub(grace), 500)
             .await
             .map_err(|e| e.to_string())?;
-        let (Some(first), Some(last)) = (held.first(), held.last()) else {
-            return Ok(Settled::default());
-        };
-        // The record was appended while the row was fresh: within an
-        // Append's timeout of its creation, give or take the clocks.
-        let from = first.created_at_ms.saturating_sub(SETTLE_MARGIN_MS);
-        let to = last.created_at_ms.saturating_add(SETTLE_MARGIN_MS);
-        let recorded = self.enqueues_recorded(from, to).await?;
         let mut settled = Settled::default();
-        for t in held {
-            if recorded.contains(&t.task_id) {
-                let now = now_ms();
-                let after = TaskRow {
-                    status: TaskStatus::Queued,
-                    worker_id: String::new(),
-                    attempt: 0,
-                    lease_expires_at_ms: None,
-                    deadline_at_ms: None,
-                    updated_at_ms: now,
-                    ..t
-                };
-                let committed = store
-                    .release_held(&after)
+        // Oldest first, so each window takes the rows that follow closely.
+        let mut rest = held.as_slice();
+        while let Some(first) = rest.first() {
+            let mut last = first.created_at_ms;
+            let n = rest
+                .iter()
+                .take_while(|t| {
+                    let near = t.created_at_ms <= last.saturating_add(2 * SETTLE_MARGIN_MS);
+                    if near {
+                        last = t.created_at_ms;
+                    }
+                    near
+                })
+                .count();
+            let (window, after) = rest.split_at(n);
+            rest = after;
+            let ids: HashSet<&str> = window.iter().map(|t| t.task_id.as_str()).collect();
+            let recorded = self
+                .enqueues_recorded(
+                    &ids,
+                    first.created_at_ms.saturating_sub(SETTLE_MARGIN_MS),
+                    last.saturating_add(SETTLE_MARGIN_MS),
+                )
+                .await?;
+            for t in window {
+                if recorded.contains(t.task_id.as_str()) {
+                    let after = TaskRow {
+                        updated_at_ms: now_ms(),
+                        ..queued(t.clone())
+                    };
+                    let committed = store
+                        .release_held(&after)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if committed.await.map_err(|e| e.to_string())? {
+                        settled.queued += 1;
+                        self.announce(&after.scope);
+                        self.changed(&after.task_id);
+                    }
+                } else if store
+                    .delete_held(&t.task_id)
                     .await
-                    .map_err(|e| e.to_string())?;
-                if committed.await.map_err(|e| e.to_string())? {
-                    settled.queued += 1;
-                    self.announce(&after.scope);
-                    self.changed(&after.task_id);
+                    .map_err(|e| e.to_string())?
+                {
+                    tracing::info!(task = %t.task_id, "deleted a held task audit has no record of");
+                    settled.deleted += 1;
                 }
-            } else if store
-                .delete_held(&t.task_id)
-                .await
-                .map_err(|e| e.to_string())?
-            {
-                tracing::info!(task = %t.task_id, "deleted a held task audit has no record of");
-                settled.deleted += 1;
             }
         }
         Ok(settled)
     }
 
-    /// The task ids of this dispatcher's `task.enqueued` records from `from`
-    /// to `to` (milliseconds).
-    async fn enqueues_recorded(&self, from: i64, to: i64) -> Result<HashSet<String>, String> {
+    /// Which of `ids` this dispatcher recorded as `task.enqueued` from
+    /// `from` to `to` (milliseconds). Audit finds the dispatcher's events of
+    /// a time range by its (actor, time) index.
+    async fn enqueues_recorded(
+        &self,
+        ids: &HashSet<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<HashSet<String>, String> {
         let ts = |ms: i64| prost_types::Timestamp {
             seconds: ms.div_euclid(1000),
             nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
         };
-        let mut ids = HashSet::new();
+        let mut found = HashSet::new();
         let mut after = 0;
         loop {
             let page = self
@@ -926,14 +1013,15 @@ impl Engine {
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-            ids.extend(
+            found.extend(
                 page.events
                     .into_iter()
                     .filter(|e| e.r#type == ENQUEUED)
-                    .filter_map(|mut e| e.attributes.remove("task_id")),
+                    .filter_map(|mut e| e.attributes.remove("task_id"))
+                    .filter(|id| ids.contains(id.as_str())),
             );
-            if page.next_after_sequence == 0 {
-                return Ok(ids);
+            if page.next_after_sequence == 0 || found.len() == ids.len() {
+                return Ok(found);
             }
             after = page.next_after_sequence;
         }
@@ -1370,8 +1458,16 @@ impl Engine {
                 now_ms(),
                 self.lease_ms(),
             )
-            .await
-            .map_err(|e| Error::unavailable("storage", e))?;
+            .await;
+        let running = match running {
+            Ok(running) => running,
+            Err(e) => {
+                // Not known to be running: the minted identity must not live.
+                self.revoke_run(&task.scope, &run_id, "the run could not be started")
+                    .await;
+                return Err(Error::unavailable("storage", e));
+            }
+        };
         let Some(running) = running else {
             // The lease was lost while identity signed: the run must not live.
             self.revoke_run(

@@ -530,7 +530,9 @@ impl DispatcherService for DispatcherApi {
                 EnqueueError::Store(e) => storage(e),
                 EnqueueError::Internal(why) => {
                     tracing::error!(%why, "an enqueue failed");
-                    Status::internal("the enqueue failed; it may be retried")
+                    Status::internal(
+                        "the enqueue's outcome is unknown; retry with the same idempotency key",
+                    )
                 }
             })? {
             Inserted::New(t) => Ok(Response::new(pb::EnqueueResponse {

@@ -28,6 +28,9 @@ const SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS events_tenant ON events (tenant, seq)",
     "CREATE INDEX IF NOT EXISTS events_run ON events (run_id, seq)",
+    // A service reading back its own events of a time range (the
+    // dispatcher's settling pass, sealed-vault's holdings replay).
+    "CREATE INDEX IF NOT EXISTS events_actor_time ON events (actor, time_us)",
     "CREATE TABLE IF NOT EXISTS tree_heads (
         tree_size INTEGER PRIMARY KEY,
         root BLOB NOT NULL,

@@ -344,7 +344,62 @@ pub trait DispatchStore: Send + Sync + std::fmt::Debug {
 /// Resolves once a [`DispatchStore::release_held`] is committed, so that
 /// every reader sees it: `true` if the task was held and now is what the call
 /// asked, `false` if it was no longer held (nothing changed).
-pub type Committed = Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send>>;
+pub struct Committed {
+    known: Option<bool>,
+    pending: Option<PendingCommit>,
+}
+
+type PendingCommit = Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send>>;
+
+impl Committed {
+    /// Committed already, with this outcome.
+    pub fn done(released: bool) -> Self {
+        Self {
+            known: Some(released),
+            pending: None,
+        }
+    }
+
+    /// Committed once `commit` resolves.
+    pub fn pending(
+        commit: impl Future<Output = Result<bool, StoreError>> + Send + 'static,
+    ) -> Self {
+        Self {
+            known: None,
+            pending: Some(Box::pin(commit)),
+        }
+    }
+
+    /// The outcome, if the store knew it when `release_held` returned.
+    pub fn known(&self) -> Option<bool> {
+        self.known
+    }
+}
+
+impl std::fmt::Debug for Committed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committed")
+            .field("known", &self.known)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for Committed {
+    type Output = Result<bool, StoreError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if let Some(known) = self.known {
+            return std::task::Poll::Ready(Ok(known));
+        }
+        match self.pending.as_mut() {
+            Some(commit) => commit.as_mut().poll(cx),
+            None => std::task::Poll::Ready(Ok(false)),
+        }
+    }
+}
 
 /// Opens the store a URL names: `sqlite://PATH` or `postgres://...`.
 pub async fn open(url: &str) -> Result<Arc<dyn DispatchStore>, StoreError> {

@@ -1,6 +1,9 @@
 //! The production store: PostgreSQL, shared by every dispatcher replica
 //! (synchronous_commit as the server sets it; on by default, so an
-//! acknowledged enqueue is durable).
+//! acknowledged enqueue is durable). The one exception is the release of a
+//! held task, committed without waiting for its WAL flush: the task and
+//! audit's record of it are durable already, and the settling pass redoes a
+//! release a crash lost (see `DispatchStore::release_held`).
 //!
 //! Replicas race for the same rows: a claim locks its candidates `FOR UPDATE
 //! SKIP LOCKED` and assigns them in the same statement, and every other change
@@ -976,7 +979,7 @@ impl DispatchStore for PgStore {
                 }))
             })
             .await?;
-        Ok(Box::pin(std::future::ready(Ok(released))))
+        Ok(Committed::done(released))
     }
 
     async fn held_before(&self, before_ms: i64, limit: u32) -> Result<Vec<TaskRow>, StoreError> {

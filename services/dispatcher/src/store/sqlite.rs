@@ -1519,7 +1519,7 @@ impl DispatchStore for SqliteStore {
             .send(Box::new(pending))
             .await
             .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?;
-        Ok(Box::pin(async move {
+        Ok(Committed::pending(async move {
             replied
                 .await
                 .map_err(|_| StoreError::Db(sqlx::Error::WorkerCrashed))?
