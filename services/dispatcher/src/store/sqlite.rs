@@ -196,10 +196,12 @@ trait QueuedWrite: Send {
     /// What the batch made of this report.
     fn finished(&mut self, _result: Result<Finished, StoreError>) {}
     /// The release of a held task: the group runs these before anything
-    /// else (see `run_in_transaction`).
-    fn is_release(&self) -> bool {
-        false
+    /// else, all in one statement (see `release_batch`).
+    fn release_row(&self) -> Option<&TaskRow> {
+        None
     }
+    /// Whether the batch released this one.
+    fn released(&mut self, _applied: bool) {}
 }
 
 /// The release of a held task (`release_held`). Its caller goes on once it
@@ -225,8 +227,12 @@ impl QueuedWrite for PendingRelease {
         answer(self.reply, self.result, failed);
     }
 
-    fn is_release(&self) -> bool {
-        true
+    fn release_row(&self) -> Option<&TaskRow> {
+        Some(&self.after)
+    }
+
+    fn released(&mut self, applied: bool) {
+        self.result = Some(Ok(applied));
     }
 }
 
@@ -507,12 +513,8 @@ async fn run_in_transaction(
         // Without savepoints, releases go first (see `PendingRelease`); with
         // savepoints every write runs in the order it was queued, which is
         // all a release needs.
-        if !savepoints {
-            for write in group.iter_mut().filter(|w| w.is_release()) {
-                if !write.run(conn).await {
-                    return Ok(false);
-                }
-            }
+        if !savepoints && !release_batch(conn, group).await? {
+            return Ok(false);
         }
         // Then the group's plain inserts, together.
         let batched =
@@ -528,7 +530,7 @@ async fn run_in_transaction(
         for write in group.iter_mut() {
             if (batched && write.plain_insert().is_some())
                 || (finishes && write.plain_finish().is_some())
-                || (!savepoints && write.is_release())
+                || (!savepoints && write.release_row().is_some())
             {
                 continue;
             }
@@ -554,6 +556,57 @@ async fn run_in_transaction(
         let _ = exec(conn, "ROLLBACK").await;
     }
     ran
+}
+
+/// Releases every held task the group releases, in one statement, and tells
+/// each whether it applied. `Ok(false)`: the statement failed (the group then
+/// runs again, each write on its own in a savepoint, in queue order).
+async fn release_batch(
+    conn: &mut SqliteConnection,
+    group: &mut [Box<dyn QueuedWrite>],
+) -> Result<bool, sqlx::Error> {
+    if !group.iter().any(|w| w.release_row().is_some()) {
+        return Ok(true);
+    }
+    let mut qb = QueryBuilder::<Sqlite>::new(
+        "UPDATE tasks SET status = u.column2, worker_id = u.column3, attempt = u.column4, \
+          lease_expires_at_ms = u.column5, deadline_at_ms = u.column6, \
+          updated_at_ms = u.column7 FROM (",
+    );
+    qb.push_values(
+        group.iter().filter_map(|w| w.release_row()),
+        |mut row, t| {
+            row.push_bind(t.task_id.clone())
+                .push_bind(t.status.as_str())
+                .push_bind(t.worker_id.clone())
+                .push_bind(i64::from(t.attempt))
+                .push_bind(t.lease_expires_at_ms)
+                .push_bind(t.deadline_at_ms)
+                .push_bind(t.updated_at_ms);
+        },
+    );
+    qb.push(
+        ") AS u WHERE tasks.task_id = u.column1 AND tasks.status = 'held' \
+         RETURNING tasks.task_id",
+    );
+    let released: std::collections::HashSet<String> = match qb
+        .build_query_scalar()
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(ids) => ids.into_iter().collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "a batched release failed; the group runs again write by write");
+            return Ok(false);
+        }
+    };
+    for write in group.iter_mut() {
+        let Some(id) = write.release_row().map(|t| t.task_id.clone()) else {
+            continue;
+        };
+        write.released(released.contains(&id));
+    }
+    Ok(true)
 }
 
 /// Inserts every plain insert of the group in one statement and hands each
