@@ -3050,6 +3050,60 @@ async fn an_enqueue_audit_cannot_record_is_refused_and_leaves_no_task() -> anyho
     Ok(())
 }
 
+/// Audit records an enqueue while its task is inserted; when the insert
+/// fails (here a trigger planted in the dispatcher's store refuses one
+/// payload), the Enqueue is refused, no task exists, and the log says so:
+/// the task's `task.enqueued` is followed by a `task.enqueue_abandoned` of the
+/// same task, so that the log never claims a task that never was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_whose_task_cannot_be_stored_is_refused_and_recorded_as_abandoned()
+-> anyhow::Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let agent = fleet.echo_agent().await?;
+    let w = fleet.start_worker("acme", "", "acme-1", "").await?;
+    let mut acme = fleet.client("acme")?;
+    fleet
+        .store_sql(
+            "CREATE TRIGGER refuse_one_payload BEFORE INSERT ON tasks \
+             WHEN instr(CAST(NEW.payload AS TEXT), 'REFUSED-BY-THE-STORE') > 0 \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+            true,
+        )
+        .await?;
+
+    let r = acme
+        .enqueue(enqueue_req("acme", agent, "REFUSED-BY-THE-STORE\n", &[]))
+        .await;
+    ensure!(r.is_err(), "an enqueue the store refused answered {r:?}");
+    let tasks = list_tasks(&mut fleet.operator()?, "acme").await?;
+    ensure!(tasks.is_empty(), "a refused enqueue left a task: {tasks:?}");
+
+    let mut audit = fleet.audit()?;
+    let enqueued = audit.events("task.enqueued").await?;
+    ensure!(
+        enqueued.len() == 1,
+        "audit recorded the enqueue while the insert ran: {enqueued:?}\n{}",
+        fleet.logs()
+    );
+    let task_id = attr(&enqueued[0], "task_id").to_owned();
+    let abandoned = audit.events("task.enqueue_abandoned").await?;
+    ensure!(
+        abandoned.len() == 1
+            && attr(&abandoned[0], "task_id") == task_id
+            && abandoned[0].tenant == "acme"
+            && abandoned[0].sequence > enqueued[0].sequence,
+        "the record of a task that does not exist is followed by its abandonment: \
+         {enqueued:?} {abandoned:?}\n{}",
+        fleet.logs()
+    );
+
+    // Any other payload is stored, and runs on the waiting worker.
+    let task_id = enqueue(&mut acme, enqueue_req("acme", agent, "stored\n", &[])).await?;
+    let done = fleet.wait_succeeded(&mut acme, "acme", &task_id).await?;
+    ensure!(done.worker_id == w, "{done:?}\n{}", fleet.logs());
+    Ok(())
+}
+
 /// A dispatcher killed between inserting held tasks and learning their fate
 /// (two held rows, written into its store while it is down): R, whose
 /// `task.enqueued` the dispatcher had recorded in audit, and U, whose record

@@ -215,6 +215,9 @@ pub struct WorkerIdent {
 
 /// The audit event of an enqueue.
 pub const ENQUEUED: &str = "task.enqueued";
+/// The audit event of an enqueue audit recorded but whose task will not
+/// exist (its insert failed).
+pub const ABANDONED: &str = "task.enqueue_abandoned";
 
 /// How far around a held task's creation its `task.enqueued` record is
 /// looked for: an Append's timeout (5 s) and the skew between the
@@ -774,6 +777,7 @@ impl Engine {
                 if recorded.is_ok() {
                     tracing::warn!(task = %row.task_id, error = %e,
                         "task.enqueued was recorded but the task could not be inserted");
+                    self.abandoned(&row, "the task could not be stored").await;
                 }
                 return Err(EnqueueError::Store(e));
             }
@@ -850,6 +854,27 @@ impl Engine {
         }
     }
 
+    /// Records `task.enqueue_abandoned`: audit holds the `task.enqueued` of a
+    /// task that will not exist, and the log must not leave it at that.
+    async fn abandoned(&self, task: &TaskRow, why: &str) {
+        let (tenant, pool) = task.scope.columns();
+        let ev = event(
+            ABANDONED,
+            tenant,
+            "",
+            AuditOutcome::Failure,
+            [
+                ("task_id", task.task_id.clone()),
+                ("pool", pool.to_owned()),
+                ("reason", why.to_owned()),
+            ],
+        );
+        if let Err(error) = self.inner.audit.record_one(ev).await {
+            tracing::error!(task = %task.task_id, %error,
+                "audit holds the enqueue of a task that does not exist, and could not record so");
+        }
+    }
+
     /// Whether a hand-off may still go to this stream of the worker.
     fn takes_hand_off(&self, worker_id: &str, generation: u64) -> bool {
         lock(&self.inner.conns)
@@ -863,10 +888,17 @@ impl Engine {
     async fn settled_meanwhile(&self, task: TaskRow) -> Result<Inserted, EnqueueError> {
         match self.inner.store.get_task(&task.task_id).await {
             Ok(Some(t)) if t.status != TaskStatus::Held => Ok(Inserted::New(t)),
-            Ok(_) => Err(EnqueueError::Internal(format!(
-                "task {} was settled as unrecorded while its enqueue was under way",
-                task.task_id
-            ))),
+            Ok(_) => {
+                self.abandoned(
+                    &task,
+                    "settled as unrecorded while its enqueue was under way",
+                )
+                .await;
+                Err(EnqueueError::Internal(format!(
+                    "task {} was settled as unrecorded while its enqueue was under way",
+                    task.task_id
+                )))
+            }
             Err(e) => Err(EnqueueError::Store(e)),
         }
     }
