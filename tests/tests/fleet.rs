@@ -3200,7 +3200,8 @@ async fn held_tasks_left_by_a_crash_are_settled_against_audit() -> anyhow::Resul
                     break t;
                 }
             }
-            Err(s) if s.code() == Code::NotFound => {}
+            // Held until settled: not a task yet, and said so.
+            Err(s) if s.code() == Code::Unavailable => {}
             Err(s) => anyhow::bail!("get task R: {s:?}\n{}", fleet.logs()),
         }
         ensure!(

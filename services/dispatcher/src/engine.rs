@@ -219,10 +219,14 @@ pub const ENQUEUED: &str = "task.enqueued";
 /// exist (its insert failed).
 pub const ABANDONED: &str = "task.enqueue_abandoned";
 
+/// How long an Enqueue waits for audit's record at most.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How far around a held task's creation its `task.enqueued` record is
-/// looked for: an Append's timeout (5 s) and the skew between the
-/// dispatcher's and audit's clocks (kept within seconds by NTP).
-const SETTLE_MARGIN_MS: i64 = 15 * 1000;
+/// looked for: the record is asked for as the row is inserted and lands
+/// within `RECORD_TIMEOUT` (or a keyed insert's time before it), give or
+/// take the skew between the dispatcher's and audit's clocks.
+const SETTLE_MARGIN_MS: i64 = 60 * 1000;
 
 /// Why an enqueue failed.
 #[derive(Debug, thiserror::Error)]
@@ -708,6 +712,10 @@ impl Engine {
             None
         };
         row.status = TaskStatus::Held;
+        // Stamped as the insert and the record start, so that the settling
+        // pass finds the record near it (a snapshot may have taken a while).
+        row.created_at_ms = now_ms();
+        row.updated_at_ms = row.created_at_ms;
         if let Some((worker_id, _)) = &slot {
             // As a claim would set them; the lease is set at the release.
             row.attempt = 1;
@@ -750,20 +758,21 @@ impl Engine {
                 self.give_slots_back(worker_id, *generation, 1);
             }
         };
-        let audit = &self.inner.audit;
+        // `None`: audit was not asked (a keyed insert found its task, or
+        // failed).
         let (inserted, recorded) = if row.idempotency_key.is_empty() {
             let (inserted, recorded) = tokio::join!(
                 self.insert_held(&row, dedup_since_ms),
-                audit.record_one(record)
+                self.record_enqueue(record)
             );
-            (inserted, recorded.map(drop))
+            (inserted, Some(recorded))
         } else {
             match self.insert_held(&row, dedup_since_ms).await {
                 Ok(Inserted::New(t)) => (
                     Ok(Inserted::New(t)),
-                    audit.record_one(record).await.map(drop),
+                    Some(self.record_enqueue(record).await),
                 ),
-                other => (other, Ok(())),
+                other => (other, None),
             }
         };
         let held = match inserted {
@@ -774,15 +783,21 @@ impl Engine {
             }
             Err(e) => {
                 give_back(&slot);
-                if recorded.is_ok() {
-                    tracing::warn!(task = %row.task_id, error = %e,
-                        "task.enqueued was recorded but the task could not be inserted");
-                    self.abandoned(&row, "the task could not be stored").await;
+                if matches!(recorded, Some(Ok(()))) {
+                    // The insert may have committed all the same (its answer
+                    // and the read-back both lost): only a task known not to
+                    // be there is recorded as abandoned; one that is stays
+                    // held, and the settling pass queues it.
+                    match self.inner.store.delete_held(&row.task_id).await {
+                        Ok(_) => self.abandoned(&row, "the task could not be stored").await,
+                        Err(error) => tracing::warn!(task = %row.task_id, %error,
+                            "a recorded task's insert failed; if it committed, the settling pass queues it"),
+                    }
                 }
                 return Err(EnqueueError::Store(e));
             }
         };
-        if let Err(e) = recorded {
+        if let Some(Err(e)) = recorded {
             // Not recorded, so not enqueued.
             give_back(&slot);
             if let Err(error) = self.inner.store.delete_held(&held.task_id).await {
@@ -824,9 +839,12 @@ impl Engine {
             Ok(committed) => committed,
             Err(error) => {
                 give_back(&slot);
-                tracing::error!(task = %task.task_id, %error,
-                    "a recorded task could not be released; the settling pass will queue it");
-                return Ok(Inserted::New(queued(task)));
+                tracing::warn!(task = %task.task_id, %error, "a recorded task could not be released; retrying");
+                let task = queued(task);
+                if self.release_again(&task).await {
+                    self.announce(&task.scope);
+                }
+                return Ok(Inserted::New(task));
             }
         };
         if committed.known() == Some(false) {
@@ -847,11 +865,35 @@ impl Engine {
             Ok(true) => Ok(Inserted::New(task)),
             Ok(false) => self.settled_meanwhile(task).await,
             Err(error) => {
-                tracing::error!(task = %task.task_id, %error,
-                    "a recorded task's release did not commit; the settling pass will queue it");
-                Ok(Inserted::New(queued(task)))
+                // Delivered already: the worker's acceptance waits for the
+                // release to be in the store.
+                tracing::warn!(task = %task.task_id, %error, "a recorded task's release did not commit; retrying");
+                self.release_again(&task).await;
+                Ok(Inserted::New(task))
             }
         }
+    }
+
+    /// Releases a recorded task whose release failed, a few times over a
+    /// second: it exists, and until released nobody can see or cancel it.
+    /// Whether this call released it; if none did, the settling pass will.
+    async fn release_again(&self, task: &TaskRow) -> bool {
+        for wait_ms in [50, 250, 1000] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            let released = match self.inner.store.release_held(task).await {
+                Ok(committed) => committed.await,
+                Err(e) => Err(e),
+            };
+            match released {
+                Ok(released) => return released,
+                Err(error) => {
+                    tracing::warn!(task = %task.task_id, %error, "the release failed again")
+                }
+            }
+        }
+        tracing::error!(task = %task.task_id,
+            "a recorded task stays held; the settling pass will queue it");
+        false
     }
 
     /// Records `task.enqueue_abandoned`: audit holds the `task.enqueued` of a
@@ -872,6 +914,19 @@ impl Engine {
         if let Err(error) = self.inner.audit.record_one(ev).await {
             tracing::error!(task = %task.task_id, %error,
                 "audit holds the enqueue of a task that does not exist, and could not record so");
+        }
+    }
+
+    /// Records an enqueue in audit, within `RECORD_TIMEOUT` in all (a wait
+    /// for the audit client's batcher included), so that the record lands
+    /// well within the settling pass's window of the task's creation.
+    async fn record_enqueue(&self, record: NewEvent) -> Result<(), Error> {
+        match tokio::time::timeout(RECORD_TIMEOUT, self.inner.audit.record_one(record)).await {
+            Ok(recorded) => recorded.map(drop),
+            Err(_) => Err(Error::unavailable(
+                "audit",
+                std::io::Error::other("recording the enqueue timed out"),
+            )),
         }
     }
 

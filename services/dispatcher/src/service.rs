@@ -995,14 +995,22 @@ impl DispatcherApi {
         if task_id.is_empty() || task_id.len() > 64 {
             return Err(Error::invalid("task_id", "must be 1 to 64 bytes").into());
         }
-        self.engine
+        let task = self
+            .engine
             .store()
             .get_task(task_id)
             .await
             .map_err(storage)?
-            // A held task is not a task yet: its enqueue has not answered.
-            .filter(|t| t.status != TaskStatus::Held && visible(t, tenant, caller))
-            .ok_or_else(|| Error::NotFound(format!("task {task_id}")).into())
+            .filter(|t| visible(t, tenant, caller))
+            .ok_or_else(|| Status::from(Error::NotFound(format!("task {task_id}"))))?;
+        if task.status == TaskStatus::Held {
+            // Not a task yet: its enqueue is still being recorded (or its
+            // release is being retried), and may yet fail.
+            return Err(Status::unavailable(
+                "the task is still being enqueued; retry shortly",
+            ));
+        }
+        Ok(task)
     }
 
     /// Sealed-vault's snapshot of the task's cascade: the secret key names,

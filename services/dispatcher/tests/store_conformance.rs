@@ -156,6 +156,7 @@ conformance!(
     held_release_race,
     held_settling,
     held_release_replica,
+    held_release_twice,
 );
 
 // ---- fixtures ---------------------------------------------------------------
@@ -2791,4 +2792,36 @@ async fn sqlite_reopens() {
         store::open("mysql://nope").await,
         Err(StoreError::Url)
     ));
+}
+
+/// A task released twice before either release commits (its enqueue and a
+/// settling pass, in one SQLite group or one PostgreSQL batch): the first
+/// release applies and says so; the second finds it released and says so.
+async fn held_release_twice(h: Harness) {
+    let s = h.store.as_ref();
+    let acme = tenant("acme");
+    let at = NOW + SECOND;
+    for round in 0..8 {
+        let id = format!("twice-{round}");
+        let inserted = put(s, handed_off(&id, &acme, "w1")).await;
+        let assigned = releasing(&inserted, TaskStatus::Assigned, at);
+        let settled = TaskRow {
+            worker_id: String::new(),
+            attempt: 0,
+            ..releasing(&inserted, TaskStatus::Queued, at + SECOND)
+        };
+        let first = s.release_held(&assigned).await.expect("first release");
+        let second = s.release_held(&settled).await.expect("second release");
+        let (first, second) = (
+            first.await.expect("first committed"),
+            second.await.expect("second committed"),
+        );
+        assert!(first, "{id}: the first release applies");
+        assert!(!second, "{id}: the second finds the task released");
+        assert_eq!(
+            get(s, &id).await,
+            assigned,
+            "{id}: as the first release asked"
+        );
+    }
 }

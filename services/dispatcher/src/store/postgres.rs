@@ -1641,19 +1641,29 @@ async fn read_batch(pool: &PgPool, mut reads: Vec<PendingRead>) {
 /// that commits without waiting for its WAL flush (see
 /// `DispatchStore::release_held`): the release is on the enqueue's path,
 /// and the claim or report that follows it flushes it anyway. One round
-/// trip. A task is in a batch once (each enqueue releases its own).
+/// trip.
 async fn release_batch(pool: &PgPool, releases: Vec<PendingRelease>) {
     if releases.is_empty() {
         return;
     }
-    match release_many(pool, &releases).await {
+    // A task released twice in one batch (its enqueue and a settling pass):
+    // the first goes in the statement; the later one finds it released, as
+    // it would have one after the other.
+    let mut seen = std::collections::HashSet::new();
+    let (firsts, again): (Vec<_>, Vec<_>) = releases
+        .into_iter()
+        .partition(|p| seen.insert(p.after.task_id.clone()));
+    match release_many(pool, &firsts).await {
         Ok(released) => {
-            for p in releases {
+            for p in firsts {
                 let _ = p.reply.send(Ok(released.contains(&p.after.task_id)));
+            }
+            for p in again {
+                let _ = p.reply.send(Ok(false));
             }
         }
         Err(e) => {
-            for p in releases {
+            for p in firsts.into_iter().chain(again) {
                 let _ = p.reply.send(Err(batch_failed(&e)));
             }
         }

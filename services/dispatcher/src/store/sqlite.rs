@@ -565,16 +565,32 @@ async fn release_batch(
     conn: &mut SqliteConnection,
     group: &mut [Box<dyn QueuedWrite>],
 ) -> Result<bool, sqlx::Error> {
-    if !group.iter().any(|w| w.release_row().is_some()) {
+    // A task released twice in one group (its enqueue and a settling pass):
+    // the first in queue order goes in the statement; the later one finds
+    // it released, as it would have one after the other.
+    let mut seen = std::collections::HashSet::new();
+    for write in group.iter_mut() {
+        let Some(id) = write.release_row().map(|t| t.task_id.clone()) else {
+            continue;
+        };
+        if !seen.insert(id) {
+            write.released(false);
+        }
+    }
+    if seen.is_empty() {
         return Ok(true);
     }
+    let mut first = std::collections::HashSet::new();
     let mut qb = QueryBuilder::<Sqlite>::new(
         "UPDATE tasks SET status = u.column2, worker_id = u.column3, attempt = u.column4, \
           lease_expires_at_ms = u.column5, deadline_at_ms = u.column6, \
           updated_at_ms = u.column7 FROM (",
     );
     qb.push_values(
-        group.iter().filter_map(|w| w.release_row()),
+        group
+            .iter()
+            .filter_map(|w| w.release_row())
+            .filter(|t| first.insert(t.task_id.clone())),
         |mut row, t| {
             row.push_bind(t.task_id.clone())
                 .push_bind(t.status.as_str())
@@ -600,11 +616,14 @@ async fn release_batch(
             return Ok(false);
         }
     };
+    let mut answered = std::collections::HashSet::new();
     for write in group.iter_mut() {
         let Some(id) = write.release_row().map(|t| t.task_id.clone()) else {
             continue;
         };
-        write.released(released.contains(&id));
+        if answered.insert(id.clone()) {
+            write.released(released.contains(&id));
+        }
     }
     Ok(true)
 }
